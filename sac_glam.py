@@ -678,7 +678,8 @@ if __name__ == "__main__":
 
         # Learn: every update_frequency env steps, gradient_updates updates on batches of batch_size (Table 2).
         updates_before = updates
-        if global_step >= args.learning_starts and global_step % args.update_frequency == 0 and len(rb) > 0:
+        # Every rank must take the same decision (an update holds collectives): all buffers must hold data.
+        if global_step >= args.learning_starts and global_step % args.update_frequency == 0 and min(gather(len(rb))) > 0:
             for _ in range(args.gradient_updates):
                 warmup = updates < args.critic_warmup_updates  # Section 2.2: only the critic MLP learns
                 alpha = log_alpha.exp().item()

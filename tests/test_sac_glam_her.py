@@ -1,0 +1,438 @@
+"""Tests of sac_glam_her.py: hindsight relabeling (Section 2.3), batch composition (Appendix E), torchrun,
+checkpoint/resume and an end-to-end run.
+
+The expected values are written by hand from the specification (the scripted episode's observations,
+the social partner's descriptions, the n-step targets of Eq. 3 with n=3 and gamma=0.5, the goal-type
+counts of the README), not computed by the code under test, so that each test can fail.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT  # shared fixtures: runner (script runs as subprocesses), tiny_dirs (tiny models)
+
+import playground_text as pt
+import sac_glam_her as sgh
+
+State, Transition = sgh.State, sgh.Transition
+
+# --------------------------------------------------------------------------------------------------
+# 1. Relabeling a scripted episode of the real env
+# --------------------------------------------------------------------------------------------------
+OBJECTS = ["red door", "green water", "blue cat"]
+GOAL = "Grow blue cat then grasp red door"
+SCRIPT = ["Go to green water", "Grasp", "Go to blue cat", "Release", "Go to red door", "Grasp"]
+
+
+def _obs(see, on="nothing", holding="nothing", grown="nothing"):
+    return f"You see: {see}\nYou are on: {on}\nYou are holding: {holding}\nYou have grown: {grown}"
+
+
+# o_0 .. o_6 and the possible actions in each, by hand.
+ALL3 = "red door, green water, blue cat"
+OBS = [
+    _obs(ALL3),
+    _obs(ALL3, on="green water"),
+    _obs("red door, blue cat", holding="green water"),
+    _obs("red door, blue cat", on="blue cat", holding="green water"),
+    _obs(ALL3, on="green water", grown="blue cat"),  # the water was released on the cat: the agent is on the water
+    _obs(ALL3, on="red door", grown="blue cat"),
+    _obs("green water, blue cat", holding="red door", grown="blue cat"),
+]
+GO3 = ("Go to red door", "Go to green water", "Go to blue cat")
+ACTIONS = [
+    GO3,
+    GO3 + ("Grasp",),
+    ("Go to red door", "Go to blue cat", "Release"),
+    ("Go to red door", "Go to blue cat", "Release"),
+    GO3 + ("Grasp",),
+    GO3 + ("Grasp",),
+    ("Go to green water", "Go to blue cat", "Release"),
+]
+ACTION_INDEX = [1, 3, 1, 2, 0, 3]
+
+# Hindsight goals by the step t' that first achieves them. Held out (test): "Grow <c> living_thing".
+GRASP_WATER = ["Grasp green water", "Grasp green supply", "Grasp any water", "Grasp any supply", "Grasp any green thing"]
+GROW_CAT_TRAIN = ["Grow blue cat", "Grow blue animal", "Grow any cat", "Grow any animal", "Grow any blue thing"]
+GROW_CAT_TEST = ["Grow blue living_thing", "Grow any living_thing"]
+GRASP_DOOR = ["Grasp red door", "Grasp red furniture", "Grasp any door", "Grasp any furniture", "Grasp any red thing"]
+THEN_TRAIN = [f"{a} then g{b[1:]}" for a in GROW_CAT_TRAIN for b in GRASP_DOOR]  # 25, GOAL among them
+THEN_TEST = [f"{a} then g{b[1:]}" for a in GROW_CAT_TEST for b in GRASP_DOOR]  # 10
+TRAIN_FIRST = {**{g: 1 for g in GRASP_WATER}, **{g: 3 for g in GROW_CAT_TRAIN}, **{g: 5 for g in GRASP_DOOR + THEN_TRAIN}}
+TEST_FIRST = {**{g: 3 for g in GROW_CAT_TEST}, **{g: 5 for g in THEN_TEST}}
+TRAIN_GOALS, ALL_GOALS = set(pt.all_goals("train")), set(pt.all_goals("train")) | set(pt.all_goals("test"))
+
+# (ret, discount, index of the next state's observation) of transitions t = 0..t' of a goal first achieved
+# at t', with n = 3, gamma = 0.5: reward 1 at t' only, no bootstrap (discount 0) once t' is in the window.
+EXPECTED_TARGETS = {
+    0: [(1.0, 0.0, 1)],
+    1: [(0.5, 0.0, 2), (1.0, 0.0, 2)],
+    3: [(0.0, 0.125, 3), (0.25, 0.0, 4), (0.5, 0.0, 4), (1.0, 0.0, 4)],
+    5: [(0.0, 0.125, 3), (0.0, 0.125, 4), (0.0, 0.125, 5), (0.25, 0.0, 6), (0.5, 0.0, 6), (1.0, 0.0, 6)],
+}
+
+
+def play(goal, objects=OBJECTS, script=SCRIPT):
+    """The episode as the training loop keeps it: one Step per env step (real env, forced scene)."""
+    env = pt.PlaygroundText(num_objects=len(objects))
+    obs, info = env.reset(goal=goal, objects=objects)
+    trajectory = []
+    for action in script:
+        state = State(goal, obs, tuple(info["possible_actions"]))
+        obs, reward, terminated, truncated, info = env.step(action)
+        next_state = State(goal, obs, tuple(info["possible_actions"]))
+        trajectory.append(
+            sgh.Step(state, state.actions.index(action), reward, next_state, terminated, truncated, tuple(info["achieved_goals"]))
+        )
+    return trajectory
+
+
+def check_relabeled(goal, transitions, t_first, observations=OBS, actions=ACTIONS, action_index=ACTION_INDEX):
+    assert len(transitions) == t_first + 1, goal  # steps t <= t' only
+    for t, (tr, (ret, discount, nxt)) in enumerate(zip(transitions, EXPECTED_TARGETS[t_first])):
+        assert tr.state == State(goal, observations[t], actions[t]), (goal, t)
+        assert pt.format_prompt(tr.state.goal, tr.state.observation) == f"Goal: {goal}\n{observations[t]}\nAction:"
+        assert tr.action == action_index[t], (goal, t)
+        assert tr.next_state == State(goal, observations[nxt], actions[nxt]), (goal, t)
+        assert (tr.ret, tr.discount) == pytest.approx((ret, discount), abs=1e-12), (goal, t)
+
+
+def test_scripted_episode_is_as_written():
+    trajectory = play(GOAL)
+    assert [s.state.observation for s in trajectory] + [trajectory[-1].next_state.observation] == OBS
+    assert [s.state.actions for s in trajectory] == ACTIONS[:6]
+    assert [s.reward for s in trajectory] == [0, 0, 0, 0, 0, 1]
+    assert [s.terminated for s in trajectory] == [False] * 5 + [True]
+    first = {g: t for t, s in enumerate(trajectory) for g in s.achieved_goals}
+    assert first == {**TRAIN_FIRST, **TEST_FIRST}
+
+
+def test_relabel_future_strategy_train_goals_only():
+    relabeled = sgh.relabel(play(GOAL), TRAIN_GOALS, n_step=3, gamma=0.5)
+    # The episode's own goal (achieved at t=5) is not relabeled: its real transitions are in the env buffer.
+    assert GOAL not in relabeled
+    assert set(relabeled) == set(TRAIN_FIRST) - {GOAL}
+    assert len(relabeled) == 39
+    for goal, transitions in relabeled.items():
+        check_relabeled(goal, transitions, TRAIN_FIRST[goal])
+
+
+def test_relabel_with_test_goals_flag():
+    relabeled = sgh.relabel(play(GOAL), ALL_GOALS, n_step=3, gamma=0.5)
+    assert set(relabeled) == (set(TRAIN_FIRST) | set(TEST_FIRST)) - {GOAL}
+    assert len(relabeled) == 51
+    for goal in GROW_CAT_TEST + THEN_TEST:
+        check_relabeled(goal, relabeled[goal], TEST_FIRST[goal])
+
+
+def test_relabel_truncated_episode_terminates_at_the_hindsight_goal():
+    # Same script, own goal "Grasp any cow" never achieved: truncated at the horizon (grasp: 6 steps).
+    trajectory = play("Grasp any cow")
+    assert trajectory[-1].truncated and not trajectory[-1].terminated
+    relabeled = sgh.relabel(trajectory, TRAIN_GOALS, n_step=3, gamma=0.5)
+    assert set(relabeled) == set(TRAIN_FIRST)  # now GOAL is a hindsight goal like the others
+    check_relabeled(GOAL, relabeled[GOAL], 5)
+    check_relabeled("Grasp any water", relabeled["Grasp any water"], 1)
+
+
+def test_goal_achieved_at_the_first_step_gives_one_transition():
+    # A fresh scene starts on nothing, so no env episode achieves a goal at t=0: a hand-made one.
+    acts = (("Go to red door", "Grasp"), ("Go to red door", "Release"), ("Go to red door", "Grasp"))
+    obs = ["o0", "o1", "o2", "o3"]
+    own = "Grasp any cow"
+    steps = [
+        sgh.Step(State(own, obs[t], acts[t]), 1, 0.0, State(own, obs[t + 1], acts[t + 1] if t < 2 else acts[0]), False, t == 2, achieved)
+        for t, achieved in enumerate([("Grasp red door", "Grasp any door"), (), ("Grasp any door", "Grasp blue cat")])
+    ]
+    relabeled = sgh.relabel(steps, TRAIN_GOALS, n_step=3, gamma=0.5)
+    assert set(relabeled) == {"Grasp red door", "Grasp any door", "Grasp blue cat"}
+    for goal in ("Grasp red door", "Grasp any door"):  # first achieved at t=0 (a repeat later does not count)
+        assert relabeled[goal] == [Transition(State(goal, "o0", acts[0]), 1, 1.0, State(goal, "o1", acts[1]), 0.0)]
+    assert [(t.ret, t.discount) for t in relabeled["Grasp blue cat"]] == pytest.approx([(0.25, 0.0), (0.5, 0.0), (1.0, 0.0)])
+
+
+def test_her_max_goals_caps_uniformly():
+    trajectory = play(GOAL)
+    full = sgh.relabel(trajectory, TRAIN_GOALS, n_step=3, gamma=0.5)
+    rng = np.random.default_rng(0)
+    counts = dict.fromkeys(full, 0)
+    draws = 400
+    for _ in range(draws):
+        capped = sgh.relabel(trajectory, TRAIN_GOALS, n_step=3, gamma=0.5, max_goals=7, rng=rng)
+        assert len(capped) == 7 and set(capped) <= set(full)
+        assert all(capped[g] == full[g] for g in capped)
+        for g in capped:
+            counts[g] += 1
+    p = 7 / 39  # each goal is kept with probability 7/39
+    se = (p * (1 - p) / draws) ** 0.5
+    assert all(abs(c / draws - p) < 5 * se for c in counts.values()), counts
+    assert set(sgh.relabel(trajectory, TRAIN_GOALS, 3, 0.5, max_goals=39, rng=rng)) == set(full)
+    assert set(sgh.relabel(trajectory, TRAIN_GOALS, 3, 0.5, max_goals=0, rng=rng)) == set(full)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Batch composition (Appendix E)
+# --------------------------------------------------------------------------------------------------
+KIND_GOAL = {
+    "grasp": "Grasp red door",
+    "grow": "Grow blue cat",
+    "grow_then_grasp": "Grow blue cat then grasp red door",
+    "grow_then_grow": "Grow blue cat then grow red dog",
+}
+# Training goals per type (README table): 136 grasp, 46 grow, 6,218 grow then grasp, 2,070 grow then grow.
+TRAIN_COUNTS = np.array([136, 46, 6218, 2070])
+
+
+def buffer(capacity, items):
+    """A ReplayBuffer of transitions tagged (source, kind, i) in their observation."""
+    rb = sgh.ReplayBuffer(capacity)
+    for source, kind, i in items:
+        goal = KIND_GOAL[kind]
+        rb.add(Transition(State(goal, f"{source} {kind} {i}", ("a",)), 0, 0.0, State(goal, "next", ("a",)), 0.0))
+    return rb
+
+
+def items(source, **per_kind):
+    return [(source, kind, i) for kind, n in per_kind.items() for i in range(n)]
+
+
+def sources(batch):
+    return [t.state.observation.split(" ")[0] for t in batch]
+
+
+def test_replay_buffer_goal_type_codes_follow_eviction():
+    rb = buffer(4, items("env", grasp=3, grow=2, grow_then_grow=1))  # 6 adds into 4 slots, oldest first out
+    assert [t.state.observation for t in rb.data] == ["env grow 1", "env grow_then_grow 0", "env grasp 2", "env grow 0"]
+    assert rb.kinds.tolist() == [1, 3, 0, 1]
+    assert rb.kinds.dtype == np.int8
+
+
+def test_ratio_sampling_exact_counts_and_fallback():
+    rng = np.random.default_rng(0)
+    rb, her = buffer(1000, items("env", grasp=300)), buffer(1000, items("her", grow=100))
+    prior = sgh.goal_type_prior(pt.GOAL_TYPES)
+    for n, ratio, expected in [(256, 0.5, 128), (10, 0.3, 3), (7, 0.25, 2), (8, 0.0, 0), (8, 1.0, 8)]:
+        for _ in range(20):
+            batch, n_her = sgh.sample_batch(rb, her, n, "ratio", ratio, prior, rng)
+            assert len(batch) == n and n_her == expected and sources(batch).count("her") == expected
+    seen = {t.state.observation for _ in range(50) for t in sgh.sample_batch(rb, her, 256, "ratio", 0.5, prior, rng)[0]}
+    assert len(seen) == 400  # uniform within each buffer: every transition is drawn sooner or later
+    batch, n_her = sgh.sample_batch(rb, buffer(10, []), 256, "ratio", 0.5, prior, rng)  # empty HER: all real
+    assert len(batch) == 256 and n_her == 0 and set(sources(batch)) == {"env"}
+
+
+def test_uniform_sampling_matches_buffer_share():
+    rng = np.random.default_rng(1)
+    rb, her = buffer(1000, items("env", grasp=300)), buffer(1000, items("her", grow=100))
+    prior = sgh.goal_type_prior(pt.GOAL_TYPES)
+    draws, n, total = 100, 256, 0
+    for _ in range(draws):
+        batch, n_her = sgh.sample_batch(rb, her, n, "uniform", 0.5, prior, rng)
+        assert len(batch) == n and n_her == sources(batch).count("her")
+        total += n_her
+    p, se = 0.25, (0.25 * 0.75 / (draws * n)) ** 0.5  # 100 of 400 stored transitions are relabeled
+    assert abs(total / (draws * n) - p) < 4 * se
+    batch, n_her = sgh.sample_batch(rb, buffer(10, []), 64, "uniform", 0.5, prior, rng)
+    assert n_her == 0 and set(sources(batch)) == {"env"}
+
+
+def prior_shares(rb, her, prior, rng, draws=100, n=256):
+    kinds, from_her = [], []
+    for _ in range(draws):
+        batch, n_her = sgh.sample_batch(rb, her, n, "prior", 0.5, prior, rng)
+        assert len(batch) == n and n_her == sources(batch).count("her")
+        kinds += [pt.goal_type(t.state.goal) for t in batch]
+        from_her += sources(batch)
+    return np.array([kinds.count(k) for k in pt.GOAL_TYPES]) / len(kinds), kinds, from_her
+
+
+def test_goal_type_prior():
+    assert sgh.goal_type_prior(pt.GOAL_TYPES) == pytest.approx(TRAIN_COUNTS / 8470)
+    assert sgh.goal_type_prior(("grasp", "grow")) == pytest.approx([136 / 182, 46 / 182, 0, 0])
+
+
+def test_prior_sampling_follows_goal_type_distribution():
+    rng = np.random.default_rng(2)
+    prior = sgh.goal_type_prior(pt.GOAL_TYPES)
+    rb = buffer(1000, items("env", grasp=100, grow=100, grow_then_grasp=100))
+    her = buffer(1000, items("her", grasp=50, grow_then_grow=50))
+    shares, kinds, from_her = prior_shares(rb, her, prior, rng)
+    p = TRAIN_COUNTS / 8470
+    se = np.sqrt(p * (1 - p) / len(kinds))
+    assert np.all(np.abs(shares - p) < 4 * se), shares
+    # Within a type, uniform over the union: 50 of the 150 grasp transitions are relabeled.
+    grasp_her = [s for k, s in zip(kinds, from_her) if k == "grasp"]
+    q = grasp_her.count("her") / len(grasp_her)
+    assert abs(q - 1 / 3) < 4 * np.sqrt(2 / 9 / len(grasp_her))
+
+
+def test_prior_sampling_absent_type_gives_its_share_away():
+    rng = np.random.default_rng(3)
+    prior = sgh.goal_type_prior(pt.GOAL_TYPES)
+    # No grow transition stored: grasp, grow then grasp and grow then grow share 8,424 goals.
+    rb, her = buffer(1000, items("env", grasp=100, grow_then_grasp=100)), buffer(1000, items("her", grow_then_grow=30))
+    shares, kinds, _ = prior_shares(rb, her, prior, rng)
+    p = np.array([136, 0, 6218, 2070]) / 8424
+    se = np.sqrt(p * (1 - p) / len(kinds))
+    assert shares[1] == 0 and np.all(np.abs(shares - p) < 4 * se + 1e-12), shares
+    # The simplified env (grasp, grow): sequential goals stored by HER are never drawn; empty HER works.
+    prior = sgh.goal_type_prior(("grasp", "grow"))
+    rb, her = buffer(1000, items("env", grasp=100, grow=100)), buffer(1000, items("her", grow_then_grasp=100, grasp=10))
+    shares, kinds, _ = prior_shares(rb, her, prior, rng, draws=40)
+    p = np.array([136, 46, 0, 0]) / 182
+    se = np.sqrt(p * (1 - p) / len(kinds))
+    assert shares[2] == shares[3] == 0 and np.all(np.abs(shares - p) < 4 * se + 1e-12), shares
+    batch, n_her = sgh.sample_batch(rb, buffer(10, []), 64, "prior", 0.5, prior, rng)
+    assert n_her == 0 and set(sources(batch)) == {"env"}
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. torchrun, checkpoint/resume, end to end (tiny random model, CPU, gloo)
+# --------------------------------------------------------------------------------------------------
+SCRIPT = ROOT / "sac_glam_her.py"
+# Runs the script as __main__ (as torchrun would), then saves what each rank trained.
+WRAPPER = """
+import os, runpy, sys, torch
+script, out = sys.argv[1], sys.argv[2]
+sys.argv = [script] + sys.argv[3:]
+g = runpy.run_path(script, run_name="__main__")
+state = {"trainable": g["trainable_state"](g["agent"]), "log_alpha": g["log_alpha"].detach().clone()}
+torch.save(state, os.path.join(out, "rank%s.pt" % os.environ.get("RANK", "0")))
+"""
+# The simplified env of Appendix B (3 objects, grasp and grow): hindsight goals at almost every grasp.
+COMMON = [
+    "--no-cuda", "--num-objects", "3", "--goal-types", "grasp", "grow", "--num-envs", "4", "--update-frequency", "4",
+    "--learning-starts", "16", "--batch-size", "8", "--buffer-size", "64", "--log-frequency", "16", "--eval-frequency", "0",
+    "--critic-warmup-updates", "4", "--critic-hidden", "32", "--lora-r", "4", "--update-chunk-size", "4", "--checkpoint-dir", "ck",
+]
+
+
+class MainUnpickler(pickle.Unpickler):
+    """The script pickles its per-rank state as __main__ (State, Step, NStep, ReplayBuffer, ...)."""
+
+    def find_class(self, module, name):
+        return getattr(sgh, name) if module == "__main__" else super().find_class(module, name)
+
+
+def ranks_of(checkpoint: dict) -> list[dict]:
+    return [MainUnpickler(io.BytesIO(r)).load() for r in checkpoint["ranks"]]
+
+
+def rank_states(run, nproc: int) -> list[dict]:
+    return [torch.load(run.cwd / f"rank{r}.pt") for r in range(nproc)]
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def runs(runner, tiny_dirs, tmp_path_factory):
+    """Under torchrun (2 processes): a run to 96 steps, the same run stopped at 48 steps then resumed to 96.
+    Alone: --her-sampling prior, at most 2 hindsight goals per episode, test goals allowed. The first three
+    run side by side (their start-up, mostly imports, dominates)."""
+
+    def start(key, args, nproc, cwd=None):
+        if cwd is None:
+            cwd = tmp_path_factory.mktemp(key)
+            (cwd / "wrapper.py").write_text(WRAPPER)
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+        return runner.start(key, [], cwd=cwd, cmd=head + [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), *args])
+
+    model = ["--model-id", tiny_dirs["llama"]]
+    ratio = model + COMMON + ["--her-buffer-size", "64"]
+    full = start("her_full", ratio + ["--total-timesteps", "96"], 2)
+    half = start("her_half", ratio + ["--total-timesteps", "48"], 2)
+    prior = start("her_prior", model + COMMON + ["--her-sampling", "prior", "--her-max-goals", "2", "--her-test-goals",
+                                                 "--her-buffer-size", "5000", "--total-timesteps", "64"], 1)
+    out = {"full": full.check(), "half": half.check(), "prior": prior.check()}
+    out["full_states"], out["half_states"], out["half_checkpoint"] = rank_states(full, 2), rank_states(half, 2), half.checkpoint()
+    resumed = start("her_resumed", ["--resume", str(half.checkpoint_dir()), "--total-timesteps", "96"], 2, cwd=half.cwd).check()
+    out["resumed"], out["resumed_states"] = resumed, rank_states(resumed, 2)
+    return out
+
+
+def assert_same(a, b):
+    assert a["trainable"].keys() == b["trainable"].keys()
+    for k in a["trainable"]:
+        assert torch.equal(a["trainable"][k], b["trainable"][k]), k
+    assert torch.equal(a["log_alpha"], b["log_alpha"])
+
+
+def test_torchrun_ranks_hold_identical_parameters(runs):
+    for run in ("full", "half", "resumed"):
+        rank0, rank1 = runs[f"{run}_states"]
+        assert_same(rank0, rank1)
+
+
+def test_resume_equals_uninterrupted_run(runs):
+    checkpoint = runs["half_checkpoint"]
+    ranks = ranks_of(checkpoint)
+    # The interruption falls where it matters: past the critic warm-up, HER buffer filled, episodes open.
+    assert checkpoint["updates"] == 18 and checkpoint["global_step"] == 48
+    assert all(len(r["her"]) > 0 for r in ranks) and any(len(t) for r in ranks for t in r["trajectories"])
+    full, half, resumed = runs["full_states"][0], runs["half_states"][0], runs["resumed_states"][0]
+    assert_same(resumed, full)
+    # The final replay state is the uninterrupted run's too: both buffers, open episodes, goal-type codes.
+    assert runs["resumed"].checkpoint_dir() == runs["half"].checkpoint_dir()  # the run continues under its own name
+    for a, b in zip(ranks_of(runs["full"].checkpoint()), ranks_of(runs["resumed"].checkpoint())):
+        assert a["rb"].data == b["rb"].data and a["her"].data == b["her"].data and a["her"].pos == b["her"].pos
+        assert np.array_equal(a["her"].kinds, b["her"].kinds) and a["trajectories"] == b["trajectories"]
+    # ... and the second half of the run did train the LLM adapters, the Q heads and alpha.
+    changed = [k for k in full["trainable"] if not torch.equal(full["trainable"][k], half["trainable"][k])]
+    assert any("lora" in k for k in changed) and any(k.startswith("qf.") for k in changed)
+    assert not torch.equal(full["log_alpha"], half["log_alpha"])
+
+
+def test_end_to_end_logs_and_her_buffer(runs):
+    run = runs["full"]
+    tags = scalars(run.run_dir())
+    expected = {
+        "charts/SPS", "charts/success_rate", "charts/success_rate_vs_seconds", "charts/episodic_length",
+        "charts/success_rate_grasp", "charts/success_rate_grow", "losses/qf_loss", "losses/actor_loss", "losses/entropy",
+        "losses/qf1_values", "losses/qf2_values", "losses/alpha",
+        "charts/her_buffer_share", "charts/her_batch_share", "charts/hindsight_goals_per_episode",
+    }
+    assert expected <= set(tags), expected - set(tags)
+    checkpoint = run.checkpoint()
+    ranks = ranks_of(checkpoint)
+    assert checkpoint["args"]["exp_name"] == "sac_glam_her" and "sac_glam_her" in checkpoint["run_name"]
+    assert checkpoint["args"]["alpha"] == 0.05 and checkpoint["args"]["target_entropy"] == 0.01  # Table 3
+    n_env, n_her = sum(len(r["rb"]) for r in ranks), sum(len(r["her"]) for r in ranks)
+    assert n_her > 0
+    # The last log is at the last step (96): the buffer share is the final checkpoint's.
+    assert tags["charts/her_buffer_share"][-1] == (96, pytest.approx(n_her / (n_env + n_her)))
+    assert tags["charts/her_batch_share"][-1] == (96, 0.5)  # 2 of 4 per rank (Table 3)
+    assert max(v for _, v in tags["charts/hindsight_goals_per_episode"]) > 0
+    for r in ranks:
+        for t in r["her"].data:  # relabeled with training goals only (default), type codes slot for slot
+            assert t.state.goal in TRAIN_GOALS and t.next_state.goal == t.state.goal
+        assert r["her"].kinds[: len(r["her"])].tolist() == [sgh.GOAL_CODES[pt.goal_type(t.state.goal)] for t in r["her"].data]
+        for trajectory in r["trajectories"]:  # open episodes: one goal, consecutive steps, not ended
+            assert len({s.state.goal for s in trajectory}) <= 1
+            assert all(a.next_state == b.state for a, b in zip(trajectory, trajectory[1:]))
+            assert not any(s.terminated or s.truncated for s in trajectory)
+
+
+def test_end_to_end_prior_sampling_cap_and_test_goals(runs):
+    """One process, --her-sampling prior, at most 2 hindsight goals per episode, test goals allowed."""
+    run = runs["prior"]
+    tags = scalars(run.run_dir())
+    per_episode = [v for _, v in tags["charts/hindsight_goals_per_episode"]]
+    assert per_episode and all(0 <= v <= 2 for v in per_episode) and max(per_episode) > 0
+    assert all(0 <= v <= 1 for _, v in tags["charts/her_batch_share"])
+    (mine,) = ranks_of(run.checkpoint())
+    goals = {t.state.goal for t in mine["her"].data}
+    assert goals & set(pt.all_goals("test")), "with --her-test-goals, held-out goals relabel too"
