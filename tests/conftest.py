@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sac_glam.py"
@@ -184,3 +185,14 @@ def runner(tmp_path_factory):
     r = Runner(tmp_path_factory)
     yield r
     r.close()
+
+
+def nonzero_lora(llm, seed: int = 1, scale: float = 0.05):
+    """Give the LoRA B matrices (zero at init) random values, so that the adapters change the outputs and the
+    LoRA path is part of what a scoring test compares."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return llm

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, nonzero_lora
 
 import playground_text as pt  # noqa: E402
 import ppo_glam as pg  # noqa: E402
@@ -238,11 +238,7 @@ def _agent(model_dir: str):
     args = pg.Args(model_id=model_dir, cuda=False, value_hidden=64, lora_r=4)
     torch.manual_seed(0)
     llm, tok = pg.load_llm(args, CPU)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero adapters, so that the LoRA path is part of what is compared
-        for name, p in llm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    nonzero_lora(llm)
     return pg.Agent(llm, tok, args, device=CPU)
 
 

@@ -23,7 +23,7 @@ import torch
 
 import playground_text as pt
 import sac_glam as sg
-from conftest import SCRIPT
+from conftest import SCRIPT, nonzero_lora
 
 CPU = torch.device("cpu")
 INIT_LOG_ALPHA = torch.tensor(math.log(0.005))  # the script's log_alpha at start (default --alpha 0.005)
@@ -102,11 +102,7 @@ def _agent(model_dir: str, max_actions: int = 8, **kw):
     args = sg.Args(model_id=model_dir, cuda=False, critic_hidden=64, **kw)
     torch.manual_seed(0)
     llm, tok = sg.load_llm(args, CPU)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero adapters, so that the LoRA path is part of what is compared
-        for name, p in llm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    nonzero_lora(llm)
     return sg.Agent(llm, tok, args, max_actions=max_actions, device=CPU)
 
 
