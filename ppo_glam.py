@@ -532,7 +532,9 @@ if __name__ == "__main__":
 
     batch_size = args.num_envs * args.num_steps  # transitions per rollout over all ranks (Table 1: 2,048)
     for ok, message in [
-        (args.num_envs % world == 0, f"--num-envs {args.num_envs} must be divisible by the {world} processes"),
+        (args.num_envs >= world and args.num_envs % world == 0, f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes"),
+        (args.lora_r >= 0 and 0 < args.gamma <= 1, "--lora-r must be at least 0 and --gamma in (0, 1]"),
+        (args.log_frequency >= 1 and args.eval_frequency >= 0 and args.checkpoint_frequency >= 0, "--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0"),
         (args.minibatch_size % world == 0, f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes"),
         (args.num_steps >= 1 and args.update_epochs >= 1, "--num-steps and --update-epochs must be at least 1"),
         (args.minibatch_size >= 1 and batch_size % args.minibatch_size == 0,

@@ -550,10 +550,13 @@ if __name__ == "__main__":
             fail(f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)")
 
     for ok, message in [
-        (args.num_envs % world == 0, f"--num-envs {args.num_envs} must be divisible by the {world} processes"),
-        (args.batch_size % world == 0, f"--batch-size {args.batch_size} must be divisible by the {world} processes"),
-        (args.update_frequency % args.num_envs == 0, f"--update-frequency {args.update_frequency} must be a multiple of --num-envs {args.num_envs} (one step of all envs)"),
-        (args.n_step >= 1, "--n-step must be at least 1"),
+        (args.num_envs >= world and args.num_envs % world == 0, f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes"),
+        (args.batch_size >= world and args.batch_size % world == 0, f"--batch-size {args.batch_size} must be a positive multiple of the {world} processes"),
+        (args.update_frequency > 0 and args.update_frequency % max(args.num_envs, 1) == 0, f"--update-frequency {args.update_frequency} must be a multiple of --num-envs {args.num_envs} (one step of all envs)"),
+        (args.n_step >= 1 and args.gradient_updates >= 1, "--n-step and --gradient-updates must be at least 1"),
+        (0 < args.gamma <= 1, "--gamma must be in (0, 1]"),
+        (args.lora_r >= 0 and args.critic_warmup_updates >= 0, "--lora-r and --critic-warmup-updates must be at least 0"),
+        (args.log_frequency >= 1 and args.eval_frequency >= 0 and args.checkpoint_frequency >= 0, "--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0"),
         (args.update_chunk_size >= 1 and args.score_chunk_size >= 1, "chunk sizes must be at least 1"),
         (args.buffer_size >= world, f"--buffer-size must be at least the {world} processes"),
         (0 < args.tau <= 1, "--tau must be in (0, 1]"),

@@ -584,7 +584,7 @@ def test_bad_input_gives_one_clear_message(runner, tiny_dirs, tmp_path_factory):
     logs = sorted((tr_cwd / "logs").rglob("stderr.log"))
     assert len(logs) == 2, logs
     rank_err = {p.parent.name: p.read_text() for p in logs}
-    message = "--num-envs 3 must be divisible by the 2 processes"
+    message = "--num-envs 3 must be a positive multiple of the 2 processes"
     assert message in rank_err["0"] and message not in rank_err["1"]
     assert all("Traceback" not in e for e in rank_err.values()), rank_err
     assert "exitcode  : 2" in tr.stderr, tr.describe()  # the script exits with code 2 (rank 1 may be stopped first)
