@@ -196,3 +196,12 @@ def nonzero_lora(llm, seed: int = 1, scale: float = 0.05):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return llm
+
+
+@pytest.fixture
+def one_thread():
+    """In-process model tests run on one thread: steadier under load, and the numbers do not change."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

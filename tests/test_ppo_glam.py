@@ -79,14 +79,6 @@ torch.save(saved, os.path.join(out, "rank%d.pt" % rank))
 '''
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------------
 # 1. GAE on a hand-computed example
 # --------------------------------------------------------------------------------------------------

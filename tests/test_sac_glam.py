@@ -87,14 +87,6 @@ class _MainUnpickler(pickle.Unpickler):
         return super().find_class("sac_glam" if module == "__main__" else module, name)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------------
 # 1. Scoring: one prefix-shared pass == naive one-sequence-at-a-time log pi (Eq. 1-2)
 # --------------------------------------------------------------------------------------------------
