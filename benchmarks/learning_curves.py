@@ -8,10 +8,11 @@
 Every script runs unchanged as a subprocess on the simplified Playground-Text of Appendix B (3 objects,
 grasp and grow goals), with the same tiny randomly initialised decoder-only transformer (Llama
 architecture built from a config, tests/tiny_models.py, no pretraining) for all three, several seeds
-each. The runs share the machine --jobs at a time, each on one thread (OMP_NUM_THREADS=1), so a run's
-wall clock is that of a one-core machine whatever else is running. The script then reads the runs'
+each. The runs share the machine --jobs at a time, each on one thread (OMP_NUM_THREADS=1): with --jobs
+at most the number of idle cores, each run has about one core, and its wall clock is a one-core one. The script then reads the runs'
 TensorBoard logs (charts/success_rate: rolling success over the last 100 training episodes, against env
-steps; charts/success_rate_vs_seconds: the same against wall-clock seconds) and writes
+steps; charts/success_rate_vs_seconds: the same against wall-clock seconds) and writes (--quick: into
+--work-dir instead, so a smoke check never overwrites the committed results)
   docs/learning_curves.png   success vs env steps (left) and vs wall-clock time (right), mean +- std
                              over seeds, like Figure 2, with a uniformly random policy as reference;
   docs/learning_curves.md    env steps and minutes until the seed-mean curve first reaches 50% and 80%
@@ -83,10 +84,10 @@ class Args:
     """episodes of the uniformly random reference policy"""
     work_dir: str = "benchmarks/learning_curves_runs"
     """where the runs write runs/ (TensorBoard), checkpoints/ and logs/ (wiped unless --plot-only)"""
-    figure: str = "docs/learning_curves.png"
-    """output figure"""
-    table: str = "docs/learning_curves.md"
-    """output Markdown table"""
+    figure: str | None = None
+    """output figure (default: docs/learning_curves.png; with --quick: in --work-dir)"""
+    table: str | None = None
+    """output Markdown table (default: docs/learning_curves.md; with --quick: in --work-dir)"""
     plot_only: bool = False
     """skip the runs: redraw the figure and table from the logs in --work-dir"""
 
@@ -118,8 +119,11 @@ def build_model(path: Path) -> str:
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from tests.tiny_models import go_to_actions, make_env_tokenizer, save_tiny_causal
+
+    hf_logging.disable_progress_bar()
 
     tokenizer = make_env_tokenizer(action_tokens=True)
     save_tiny_causal(path, hidden_size=64, num_layers=2, num_heads=4, tokenizer=tokenizer, seed=0)
@@ -313,6 +317,9 @@ if __name__ == "__main__":
     except ImportError:
         sys.exit("error: the benchmark plots with matplotlib: pip install matplotlib")
     work = (ROOT / args.work_dir).resolve()
+    out_dir = work if args.quick else ROOT / "docs"  # a smoke check never overwrites the committed results
+    args.figure = args.figure or str(out_dir / "learning_curves.png")
+    args.table = args.table or str(out_dir / "learning_curves.md")
     seeds = [1] if args.quick else list(range(1, args.seeds + 1))
     t0 = time.time()
     if not args.plot_only:
