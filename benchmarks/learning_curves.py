@@ -1,7 +1,7 @@
 """Figure 2 at laptop scale: learning curves of sac_glam_her.py, sac_glam.py and ppo_glam.py on CPU.
 
     pip install matplotlib                      # benchmark-only requirement (the training scripts never plot)
-    python benchmarks/learning_curves.py        # full benchmark, about 65 min on 2 CPU cores
+    python benchmarks/learning_curves.py        # full benchmark, about 80 min on 2 CPU cores
     python benchmarks/learning_curves.py --quick           # smoke check, under 10 min
     python benchmarks/learning_curves.py --plot-only       # redraw from the TensorBoard logs already there
 
@@ -95,8 +95,8 @@ class Args:
 ENV_FLAGS = ["--num-objects", "3", "--goal-types", "grasp", "grow"]
 GOAL_TYPES = ("grasp", "grow")
 # script, label, color, env steps (full, quick). Sized from measured costs with 2 runs sharing 2 cores: a SAC
-# update of batch 256 takes ~0.35 s (2 per 32 env steps: ~15 min per 40k-step run), a PPO update (16
-# epochs over 2,048 transitions) ~30 s (~10 min per run); 3 seeds of all three: ~60 min.
+# update of batch 256 takes ~0.35-0.45 s (2 per 32 env steps), a PPO update (16
+# epochs over 2,048 transitions) ~35 s; measured: 15-19 min per SAC run, 13-17 per PPO run, 82 min in all.
 ALGOS = {
     "sac_glam_her": ("SAC-GLAM + HER", "tab:green", 40_960, 8_192),
     "sac_glam": ("SAC-GLAM", "tab:blue", 40_960, 8_192),
