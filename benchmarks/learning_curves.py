@@ -312,6 +312,8 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.seeds < 1 or args.jobs < 1 or args.random_episodes < 1:
+        sys.exit("error: --seeds, --jobs and --random-episodes must be at least 1")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
