@@ -138,6 +138,11 @@ def _check_split(split: str) -> str:
     return split
 
 
+def _check_seed(seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed={seed!r}: give a non-negative integer (or None)")
+
+
 def _check_goal_types(goal_types: str | Iterable[str]) -> tuple[str, ...]:
     goal_types = (goal_types,) if isinstance(goal_types, str) else tuple(goal_types)
     bad = [g for g in goal_types if g not in GOAL_TYPES]
@@ -238,24 +243,35 @@ class PlaygroundText:
         info = {"goal": goal, "goal_type": kind, "possible_actions": self._possible_actions(), "horizon": self.horizon}
         return self._observation(), info
 
-    def step(self, action: str):
+    def check_action(self, action: str) -> None:
+        """Raise, changing nothing, unless `action` can be taken now (SyncVecPlaygroundText checks all envs first)."""
         if self._over:
             raise RuntimeError("the episode is over: call reset() before step()")
         held, on = self._held, self._on
+        if action == "Grasp":
+            ok = on >= 0 and held < 0
+        elif action == "Release":
+            ok = held >= 0
+        else:
+            i = self._index.get(action, -1)
+            ok = i >= 0 and i != held
+        if not ok:
+            raise ValueError(f"invalid action {action!r}: possible actions are {self._possible_actions()}")
+
+    def step(self, action: str):
+        self.check_action(action)
+        held, on = self._held, self._on
         grasped = grown = None
-        if action == "Grasp" and on >= 0 and held < 0:
+        if action == "Grasp":
             self._held, self._on, grasped = on, -1, self._names[on]
             self._refresh_visible()
-        elif action == "Release" and held >= 0:
+        elif action == "Release":
             if on >= 0:
                 grown = self._meet(held, on)
             self._held, self._on = -1, held
             self._refresh_visible()
         else:
-            i = self._index.get(action, -1)
-            if i < 0 or i == held:
-                raise ValueError(f"invalid action {action!r}: possible actions are {self._possible_actions()}")
-            self._on = i
+            self._on = self._index[action]
         self._t += 1
         achieved = self._social_partner(grasped, grown) if grasped or grown else []
         terminated = self.goal in achieved
@@ -340,28 +356,50 @@ class PlaygroundText:
         return names
 
 
+def env_seed(seed: int, index: int, stream: int = 0) -> int:
+    """Seed of env `index` of a vector env seeded with `seed`, from numpy's SeedSequence (128 bits).
+
+    Runs with different seeds share no env stream (with seed + index, env 1 of seed 1 would replay env 0
+    of seed 2), and `stream` separates the env families of one run (the scripts: 0 training, 1 evaluation).
+    """
+    words = np.random.SeedSequence(seed, spawn_key=(stream, index)).generate_state(4, np.uint32)
+    return int.from_bytes(words.tobytes(), "little")
+
+
 class SyncVecPlaygroundText:
     """N PlaygroundText envs stepped in lockstep, with auto-reset.
 
     When env i's episode ends at a step, `observations[i]` and `infos[i]` are those of its next episode
     (goal, goal_type, possible_actions), and `infos[i]["final_observation"]` / `infos[i]["final_info"]`
     hold the last observation and step info of the episode that ended, so n-step returns and HER see
-    the true last state. Env i is seeded with seed + i.
+    the true last state. Env i is seeded with env_seed(seed, first_index + i, stream): under torchrun a
+    rank passes the global index of its first env, so envs do not depend on the process count.
+    A step with an invalid action raises before any env moves.
     """
 
-    def __init__(self, num_envs: int, seed: int | None = None, **env_kwargs):
+    def __init__(self, num_envs: int, seed: int | None = None, first_index: int = 0, stream: int = 0, **env_kwargs):
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r}: give a positive integer")
-        self.num_envs = num_envs
-        self.envs = [PlaygroundText(seed=None if seed is None else seed + i, **env_kwargs) for i in range(num_envs)]
+        _check_seed(seed)
+        self.num_envs, self.first_index, self.stream = num_envs, first_index, stream
+        self.envs = [PlaygroundText(seed=self._seed(seed, i), **env_kwargs) for i in range(num_envs)]
+
+    def _seed(self, seed: int | None, i: int) -> int | None:
+        return None if seed is None else env_seed(seed, self.first_index + i, self.stream)
 
     def reset(self, seed: int | None = None):
-        results = [env.reset(seed=None if seed is None else seed + i) for i, env in enumerate(self.envs)]
+        _check_seed(seed)
+        results = [env.reset(seed=self._seed(seed, i)) for i, env in enumerate(self.envs)]
         return [r[0] for r in results], [r[1] for r in results]
 
     def step(self, actions: Sequence[str]):
         if len(actions) != self.num_envs:
             raise ValueError(f"got {len(actions)} actions for {self.num_envs} envs: give one action per env")
+        for i, (env, action) in enumerate(zip(self.envs, actions)):  # all valid, or no env moves
+            try:
+                env.check_action(action)
+            except ValueError as err:
+                raise ValueError(f"env {i}: {err}") from None
         observations, infos = [], []
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         terminated = np.zeros(self.num_envs, dtype=bool)

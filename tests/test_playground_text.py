@@ -799,7 +799,7 @@ def test_seeding_determinism_vector_env():
     vec = pt.SyncVecPlaygroundText(3, seed=7)
     obs, infos = vec.reset(seed=50)
     for i in range(3):
-        assert (obs[i], infos[i]) == pt.PlaygroundText(seed=50 + i).reset()
+        assert (obs[i], infos[i]) == pt.PlaygroundText(seed=pt.env_seed(50, i)).reset()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -898,8 +898,8 @@ def test_runtime_error_when_stepping_an_ended_episode():
 def test_vector_env_auto_reset_matches_single_envs(kwargs, least_terminated):
     n, seed = 5, 100
     vec = pt.SyncVecPlaygroundText(n, seed=seed, **kwargs)
-    singles = [pt.PlaygroundText(seed=seed + i, **kwargs) for i in range(n)]
-    fresh = [pt.PlaygroundText(seed=seed + i, **kwargs) for i in range(n)]  # only reset: the episode starts
+    singles = [pt.PlaygroundText(seed=pt.env_seed(seed, i), **kwargs) for i in range(n)]
+    fresh = [pt.PlaygroundText(seed=pt.env_seed(seed, i), **kwargs) for i in range(n)]  # only reset: the episode starts
     obs, infos = vec.reset()
     assert len(obs) == len(infos) == n
     for i in range(n):
@@ -944,6 +944,51 @@ def test_vector_env_scripted_final_observation():
     assert infos[0]["final_observation"] == obs_text([], holding=targets[0])
     assert infos[0]["final_info"]["achieved_goals"] and infos[0]["final_info"]["goal"] in infos[0]["final_info"]["achieved_goals"]
     assert parse(obs[0])["holding"] is None and parse(obs[0])["on"] is None
-    single = pt.PlaygroundText(num_objects=1, goal_types="grasp", seed=0)
+    single = pt.PlaygroundText(num_objects=1, goal_types="grasp", seed=pt.env_seed(0, 0))
     single.reset()
     assert (obs[0], {k: v for k, v in infos[0].items() if not k.startswith("final_")}) == single.reset()
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. Independent seeds and atomic vector steps
+# --------------------------------------------------------------------------------------------------
+def reset_stream(env, episodes=50):
+    """What an env's rng decides: the goal and scene of its next episodes (the rng is used at reset only)."""
+    return [env.reset() for _ in range(episodes)]
+
+
+def test_run_seeds_share_no_env_stream():
+    # With seed + i, SyncVec(32, seed=1).envs[1] replayed SyncVec(32, seed=2).envs[0]: 31 of 32 streams shared.
+    runs = [pt.SyncVecPlaygroundText(32, seed=s, num_objects=3, goal_types=("grasp", "grow")) for s in (1, 2, 3)]
+    streams = [repr(reset_stream(env, 20)) for vec in runs for env in vec.envs]
+    assert len(set(streams)) == len(streams) == 96
+    # Evaluation envs (stream 1) share no stream with the training envs of the same seed.
+    evals = pt.SyncVecPlaygroundText(32, seed=1, stream=1, num_objects=3, goal_types=("grasp", "grow"))
+    assert not {repr(reset_stream(env, 20)) for env in evals.envs} & set(streams)
+
+
+def test_env_seeds_follow_the_global_index_not_the_process_count():
+    # torchrun: rank r builds envs first_index = r * envs_per_rank ...; together they are the one-process envs.
+    whole = pt.SyncVecPlaygroundText(4, seed=9)
+    halves = [pt.SyncVecPlaygroundText(2, seed=9, first_index=2 * r) for r in range(2)]
+    assert [reset_stream(e, 5) for e in whole.envs] == [reset_stream(e, 5) for h in halves for e in h.envs]
+    assert pt.env_seed(9, 3) == pt.env_seed(9, 3) != pt.env_seed(9, 3, stream=1)
+    assert len({pt.env_seed(s, i) for s in range(50) for i in range(50)}) == 2500
+    for bad in (-1, 1.5, "1", True):
+        _raises(ValueError, lambda: pt.SyncVecPlaygroundText(2, seed=bad), "non-negative integer")
+    # reset(seed=...) of a single env stays exact: Python's random.Random(seed).
+    assert pt.PlaygroundText(seed=4).reset() == pt.PlaygroundText().reset(seed=4)
+
+
+def test_vector_step_with_an_invalid_action_moves_no_env():
+    vec = pt.SyncVecPlaygroundText(3, seed=0, num_objects=3, goal_types=("grasp", "grow"))
+    obs, infos = vec.reset()
+    valid = [info["possible_actions"][0] for info in infos]
+    before = [(env._on, env._held, env._t, env._observation()) for env in vec.envs]
+    for bad in (1, 2):
+        actions = list(valid)
+        actions[bad] = "Fly away"
+        _raises(ValueError, lambda: vec.step(actions), f"env {bad}", "'Fly away'", *infos[bad]["possible_actions"])
+        assert [(env._on, env._held, env._t, env._observation()) for env in vec.envs] == before
+    obs2, *_ = vec.step(valid)  # the same step, now valid, moves every env
+    assert all(env._t == 1 for env in vec.envs) and obs2 != obs
