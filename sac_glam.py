@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, NamedTuple
 
@@ -182,7 +183,9 @@ def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float3
         if args.load_in_4bit:
             llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
-        llm = get_peft_model(llm, lora)
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x: not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            llm = get_peft_model(llm, lora)
     # Trainable parameters are fp32 in every mode (adapters, or all weights with --lora-r 0): Adam's 1e-4 steps
     # are below bf16's resolution near 1.0 (2^-8) and would be lost; the compute runs under bf16 autocast.
     for param in llm.parameters():
@@ -826,7 +829,8 @@ if __name__ == "__main__":
         if stop or due:
             save_checkpoint()
         if stop:
-            print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
+            if rank == 0:
+                print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
             break
     else:
         save_checkpoint()

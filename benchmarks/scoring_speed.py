@@ -423,7 +423,7 @@ def main() -> int:
     print()
     print(f"Scoring one step: {len(states)} states x {n_actions // len(states)} actions, prompts of {np.mean(prompt_lens):.1f} "
           f"SmolLM2 tokens on average; CPU, {torch.get_num_threads()} threads; load average {load:.2f} at start, {load_end:.2f} at end")
-    print(f"median of interleaved rounds; naive = every prompt + action one padded sequence, full logits; same weights (LoRA r=16)")
+    print("median of interleaved rounds; naive = every prompt + action one padded sequence, full logits; same weights (LoRA r=16)")
     head = f"{'model':<14}{'kind':<17}{'params':>8}{'max|dlogpi|':>13}{'tokens ours/naive':>19}{'layout':>9}{'ours s':>9}{'naive s':>9}{'ratio':>8}{'cpu-time':>9}{'bar':>6}{'Lamorel':>9}  result"
     print(head)
     print("-" * len(head))

@@ -372,7 +372,7 @@ def ppo_runs(runner, tiny_dirs, tmp_path_factory):
     runs["one"] = runner.start("ppo_one", [], cwd=cwds["one"], cmd=[
         sys.executable, *wrap("one"), *small(llama, eval_frequency=32, eval_episodes=2, checkpoint_frequency=2)])
     runs["two"] = runner.start("ppo_two", [], cwd=cwds["two"], cmd=torchrun_cmd(*wrap("two"), *small(llama)))
-    # Rank 1 gets SIGTERM in its 3rd env step: both ranks finish the first rollout and its update, then stop.
+    # Rank 1 gets SIGTERM in its 3rd env step: both ranks stop right after it, mid-rollout, and checkpoint.
     runs["sig"] = runner.start("ppo_sig", [], cwd=cwds["sig"], cmd=torchrun_cmd(*wrap("sig", "kill:1:3"), *small(llama)))
     runs["wiring"] = runner.start("ppo_wiring", [], cwd=cwds["wiring"], cmd=[
         sys.executable, *wrap("wiring", "record"), *small(llama, total_timesteps=32, learning_rate=0)])
@@ -457,12 +457,13 @@ def test_torchrun_ranks_identical_and_equal_to_one_process(ppo_runs):
     assert t1["charts/success_rate"] == t2["charts/success_rate"]
 
 
-def test_sigterm_checkpoints_at_update_boundary_and_resume_is_exact(ppo_runs, runner):
+def test_sigterm_checkpoints_mid_rollout_and_resume_is_exact(ppo_runs, runner):
     sig = ppo_runs["sig"].check()
     assert "stopped by signal" in sig.stdout and "Traceback" not in sig.stderr, sig.describe()
     ck = sig.checkpoint()
-    assert (ck["global_step"], ck["updates"], ck["world_size"]) == (32, 1, 2)  # the end of the first rollout's update
-    assert len(ck["ranks"]) == 2  # both ranks' envs and observations
+    # Right after the 3rd env step (3 x 4 envs), before the rollout of 8 steps is complete: no waiting for it.
+    assert (ck["global_step"], ck["updates"], ck["world_size"]) == (12, 0, 2)
+    assert len(ck["ranks"]) == 2  # both ranks' envs, observations and the rollout collected so far
     cwd = ppo_runs["cwd"]["sig"]
     resumed = runner.start("ppo_sig_resume", [], cwd=cwd, cmd=torchrun_cmd(
         cwd / "wrapper.py", SCRIPT, cwd, "-", "--resume", sig.checkpoint_dir())).check()

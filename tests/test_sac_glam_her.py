@@ -9,15 +9,18 @@ counts of the README), not computed by the code under test, so that each test ca
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT  # shared fixtures: runner (script runs as subprocesses), tiny_dirs (tiny models)
+from conftest import ROOT, _descendants  # shared fixtures: runner (script runs as subprocesses), tiny_dirs (tiny models)
 
 import playground_text as pt
 import sac_glam_her as sgh
@@ -156,7 +159,23 @@ def test_goal_achieved_at_the_first_step_gives_one_transition():
     assert set(relabeled) == {"Grasp red door", "Grasp any door", "Grasp blue cat"}
     for goal in ("Grasp red door", "Grasp any door"):  # first achieved at t=0 (a repeat later does not count)
         assert relabeled[goal] == [Transition(State(goal, "o0", acts[0]), 1, 1.0, State(goal, "o1", acts[1]), 0.0)]
-    assert [(t.ret, t.discount) for t in relabeled["Grasp blue cat"]] == pytest.approx([(0.25, 0.0), (0.5, 0.0), (1.0, 0.0)])
+    returns = [(t.ret, t.discount) for t in relabeled["Grasp blue cat"]]
+    assert len(returns) == 3
+    for got, want in zip(returns, [(0.25, 0.0), (0.5, 0.0), (1.0, 0.0)]):  # pytest >= 9.1: approx takes no nested data
+        assert got == pytest.approx(want)
+
+
+def test_hindsight_goals_are_those_of_the_run_goal_types():
+    simplified = sgh.her_goal_set(("grasp", "grow"))
+    assert simplified == set(pt.all_goals("train", ("grasp", "grow")))
+    assert not any(pt.goal_type(g).startswith("grow_then") for g in simplified)
+    assert sgh.her_goal_set(("grasp", "grow"), all_goal_types=True) == TRAIN_GOALS
+    assert sgh.her_goal_set(pt.GOAL_TYPES, test_goals=True) == ALL_GOALS
+    assert sgh.her_goal_set(("grasp",), test_goals=True) == set(pt.all_goals("train", "grasp")) | set(pt.all_goals("test", "grasp"))
+    # The scripted episode (Grow any cat) achieves sequential goals too: only its grasp/grow goals relabel.
+    relabeled = sgh.relabel(play(GOAL), simplified, n_step=3, gamma=0.5)
+    assert set(relabeled) == {g for g in TRAIN_FIRST if pt.goal_type(g) in ("grasp", "grow")} - {GOAL}
+    assert len(relabeled) < len(sgh.relabel(play(GOAL), TRAIN_GOALS, n_step=3, gamma=0.5))
 
 
 def test_her_max_goals_caps_uniformly():
@@ -340,7 +359,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture(scope="module")
 def runs(runner, tiny_dirs, tmp_path_factory):
-    """Under torchrun (2 processes): a run to 96 steps, the same run stopped at 48 steps then resumed to 96.
+    """Under torchrun (2 processes): a run to 96 steps, the same run stopped at 52 steps then resumed to 96.
     Alone: --her-sampling prior, at most 2 hindsight goals per episode, test goals allowed. The first three
     run side by side (their start-up, mostly imports, dominates)."""
 
@@ -354,9 +373,9 @@ def runs(runner, tiny_dirs, tmp_path_factory):
     model = ["--model-id", tiny_dirs["llama"]]
     ratio = model + COMMON + ["--her-buffer-size", "64"]
     full = start("her_full", ratio + ["--total-timesteps", "96"], 2)
-    half = start("her_half", ratio + ["--total-timesteps", "48"], 2)
+    half = start("her_half", ratio + ["--total-timesteps", "52"], 2)
     prior = start("her_prior", model + COMMON + ["--her-sampling", "prior", "--her-max-goals", "2", "--her-test-goals",
-                                                 "--her-buffer-size", "5000", "--total-timesteps", "64"], 1)
+                                                 "--her-buffer-size", "5000", "--total-timesteps", "128"], 1)
     out = {"full": full.check(), "half": half.check(), "prior": prior.check()}
     out["full_states"], out["half_states"], out["half_checkpoint"] = rank_states(full, 2), rank_states(half, 2), half.checkpoint()
     resumed = start("her_resumed", ["--resume", str(half.checkpoint_dir()), "--total-timesteps", "96"], 2, cwd=half.cwd).check()
@@ -381,7 +400,7 @@ def test_resume_equals_uninterrupted_run(runs):
     checkpoint = runs["half_checkpoint"]
     ranks = ranks_of(checkpoint)
     # The interruption falls where it matters: past the critic warm-up, HER buffer filled, episodes open.
-    assert checkpoint["updates"] == 18 and checkpoint["global_step"] == 48
+    assert checkpoint["updates"] == 20 and checkpoint["global_step"] == 52
     assert all(len(r["her"]) > 0 for r in ranks) and any(len(t) for r in ranks for t in r["trajectories"])
     full, half, resumed = runs["full_states"][0], runs["half_states"][0], runs["resumed_states"][0]
     assert_same(resumed, full)
@@ -417,8 +436,9 @@ def test_end_to_end_logs_and_her_buffer(runs):
     assert tags["charts/her_batch_share"][-1] == (96, 0.5)  # 2 of 4 per rank (Table 3)
     assert max(v for _, v in tags["charts/hindsight_goals_per_episode"]) > 0
     for r in ranks:
-        for t in r["her"].data:  # relabeled with training goals only (default), type codes slot for slot
+        for t in r["her"].data:  # relabeled with training goals of the run's goal types (default), codes slot for slot
             assert t.state.goal in TRAIN_GOALS and t.next_state.goal == t.state.goal
+            assert pt.goal_type(t.state.goal) in ("grasp", "grow")
         assert r["her"].kinds[: len(r["her"])].tolist() == [sgh.GOAL_CODES[pt.goal_type(t.state.goal)] for t in r["her"].data]
         for trajectory in r["trajectories"]:  # open episodes: one goal, consecutive steps, not ended
             assert len({s.state.goal for s in trajectory}) <= 1
@@ -436,3 +456,37 @@ def test_end_to_end_prior_sampling_cap_and_test_goals(runs):
     (mine,) = ranks_of(run.checkpoint())
     goals = {t.state.goal for t in mine["her"].data}
     assert goals & set(pt.all_goals("test")), "with --her-test-goals, held-out goals relabel too"
+
+
+def test_sigterm_during_evaluation_under_torchrun_checkpoints_and_resumes(runner, tiny_dirs, tmp_path_factory):
+    """torchrun forwards SIGTERM and kills its workers 30 s later; a scheduler may signal the workers too.
+    A stop must not wait for a long evaluation (here ~100,000 episodes), and the second SIGTERM a worker
+    receives must not kill it before or during the save."""
+    cwd = tmp_path_factory.mktemp("her_sigterm")
+    (cwd / "wrapper.py").write_text(WRAPPER)
+    args = list(COMMON)
+    args[args.index("--eval-frequency") + 1] = "32"
+    args += ["--model-id", tiny_dirs["llama"], "--her-buffer-size", "64", "--total-timesteps", "96", "--eval-episodes", "100000"]
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = runner.start("her_sigterm", [], cwd=cwd, cmd=head + [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), *args])
+    deadline = time.time() + 600
+    while "evaluation at step 32" not in run.stdout:
+        assert run.proc.poll() is None and time.time() < deadline, run.describe()
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the evaluation
+    workers = [pid for pid in _descendants(run.proc.pid) if "wrapper.py" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2, workers
+    for pid in workers:  # the scheduler's SIGTERM to every process of the job ...
+        os.kill(pid, signal.SIGTERM)
+    run.proc.send_signal(signal.SIGTERM)  # ... and torchrun's, forwarded to its workers
+    run.wait()  # torchrun itself exits with its SignalException (rc 1, its traceback); its workers end cleanly:
+    assert run.stdout.count("stopped by signal") == 1 and "KeyboardInterrupt" not in run.stderr, run.describe()
+    assert (cwd / "rank0.pt").exists() and (cwd / "rank1.pt").exists(), run.describe()  # written after main returned
+    ck = run.checkpoint()
+    assert (ck["global_step"], ck["world_size"]) == (32, 2) and len(ranks_of(ck)) == 2
+    assert not [tag for tag in scalars(run.run_dir()) if tag.startswith("eval/")]  # the interrupted evaluation is not logged
+    resumed = runner.start("her_sigterm_resume", [], cwd=cwd, cmd=head + [
+        str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), "--resume", str(run.checkpoint_dir()), "--total-timesteps", "40"]).check()
+    assert resumed.checkpoint()["global_step"] == 40
+    rank0, rank1 = rank_states(resumed, 2)
+    assert_same(rank0, rank1)

@@ -1,0 +1,188 @@
+"""Tests of what the three scripts share (copied on purpose): each test runs against sac_glam.py,
+sac_glam_her.py and ppo_glam.py alike. Model loading in bf16 (fp32 trainable parameters), the gradient
+all-reduce with a parameter unused on one rank (2 gloo ranks), the stop-signal handling, the
+tokenization check, cache-free forward passes, and a quiet start without --load-in-4bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import playground_text as pt
+import ppo_glam
+import sac_glam
+import sac_glam_her
+from conftest import script_env
+
+CPU = torch.device("cpu")
+MODULES = {"sac_glam": sac_glam, "sac_glam_her": sac_glam_her, "ppo_glam": ppo_glam}
+
+
+def make_agent(mod, args, llm, tok):
+    if mod is ppo_glam:
+        return mod.Agent(llm, tok, args, device=CPU)
+    return mod.Agent(llm, tok, args, max_actions=args.num_objects + 1, device=CPU)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. bf16: frozen weights may be bf16, trainable parameters are fp32 (no lost Adam updates)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_trainable_parameters_are_fp32_when_loading_in_bf16(name, family, lora_r, tiny_dirs, one_thread):
+    mod = MODULES[name]
+    args = mod.Args(model_id=tiny_dirs[family], lora_r=lora_r, cuda=False)
+    llm, tok = mod.load_llm(args, CPU, torch.bfloat16)
+    trainable = {n: p.dtype for n, p in llm.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in llm.named_parameters() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}, {n: d for n, d in trainable.items() if d != torch.float32}
+    if lora_r:  # LoRA: the frozen base stays bf16 (the memory saving); the adapters are fp32
+        assert all("lora_" in n for n in trainable) and set(frozen.values()) == {torch.bfloat16}
+    else:  # full fine-tuning: every weight is trainable, hence fp32
+        assert not frozen
+    agent = make_agent(mod, args, llm, tok)
+    heads = agent.value_head if mod is ppo_glam else agent.qf
+    assert {p.dtype for p in heads.parameters()} == {torch.float32}
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Gradient all-reduce: a parameter unused on one rank must not make ranks reduce different sizes
+# --------------------------------------------------------------------------------------------------
+ALL_REDUCE = """
+import datetime, json, os, sys, torch, torch.distributed as dist
+import importlib
+mod = importlib.import_module(sys.argv[1])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+rank = dist.get_rank()
+a, b, never = (torch.zeros(3, requires_grad=True) for _ in range(3))
+# a: used on both ranks; b: used on rank 0 only (rank 1 leaves its grad None); never: unused everywhere.
+a.grad = torch.full((3,), 1.0 + rank)
+if rank == 0:
+    b.grad = torch.tensor([4.0, 6.0, 8.0])
+mod.all_reduce_gradients([a, b, never], average=sys.argv[2] == "average")
+with open("rank%d.json" % rank, "w") as f:  # one file per rank: their stdout lines may interleave
+    json.dump({"rank": rank, "a": a.grad.tolist(), "b": b.grad.tolist(), "never": never.grad is None}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("mode", ["average", "sum"])
+def test_gradient_all_reduce_with_a_parameter_unused_on_one_rank(name, mode, tmp_path):
+    (tmp_path / "reduce.py").write_text(ALL_REDUCE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "reduce.py"), name, mode]
+    out = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    k = 2.0 if mode == "average" else 1.0
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:  # the same on both ranks: (1 + 2) / k for a; (g + 0) / k for b; never stays None
+        assert r["a"] == [3.0 / k] * 3 and r["b"] == [4.0 / k, 6.0 / k, 8.0 / k] and r["never"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Stop signals: repeated SIGTERMs and any signal during a save only request the stop
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODULES)
+def test_stop_signal_absorbs_repeats_and_protects_a_save(name):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stopper = MODULES[name].StopSignal()
+        assert not stopper.requested
+        for _ in range(3):  # a scheduler and torchrun may both send SIGTERM: never a kill
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stopper.requested
+        stopper.saving = True
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while saving does not interrupt the save
+        os.kill(os.getpid(), signal.SIGTERM)
+        stopper.saving = False
+        with pytest.raises(KeyboardInterrupt):  # ... outside a save it stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        assert MODULES[name].any_rank(True, CPU) is True and MODULES[name].any_rank(False, CPU) is False
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Start-up checks: tokenization of prompt + action, no KV cache, no alarming output
+# --------------------------------------------------------------------------------------------------
+def lone_space_tokenizer():
+    """A Llama-2-like SentencePiece BPE ("▁" prepended, spaces as "▁"): " Go to" becomes ["▁", "▁Go", "▁to"],
+    while "Action: Go to" has no lone "▁": prompt + action is not the prompt's tokens then the action's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    env, texts = pt.PlaygroundText(seed=0), []
+    for _ in range(200):
+        obs, info = env.reset()
+        texts.append(pt.format_prompt(info["goal"], obs) + " " + " ".join(info["possible_actions"] + ["Grasp", "Release"]))
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>", "<s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>")
+
+
+@pytest.fixture(scope="module")
+def lone_space_model(tmp_path_factory):
+    import tiny_models
+
+    return tiny_models.save_tiny_causal(tmp_path_factory.mktemp("lone_space"), tokenizer=lone_space_tokenizer())
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_tokenizer_that_splits_prompt_and_action_differently_is_refused(name, lone_space_model, tiny_dirs, capsys, one_thread):
+    mod = MODULES[name]
+    tok = lone_space_tokenizer()
+    assert tok(" Go to red cat", add_special_tokens=False).input_ids[0] == tok.convert_tokens_to_ids("▁")
+    args = mod.Args(model_id=lone_space_model, cuda=False, critic_hidden=32) if mod is not ppo_glam else mod.Args(
+        model_id=lone_space_model, cuda=False, value_hidden=32)
+    llm, tok = mod.load_llm(args, CPU)
+    with pytest.raises(SystemExit) as exit_info:
+        make_agent(mod, args, llm, tok)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: the tokenizer splits prompt + action differently" in err and "'▁'" in err and "Eq. 1" in err
+    for family in ("llama", "llama_actions", "t5"):  # the test models pass the check
+        args = mod.Args(model_id=tiny_dirs[family], cuda=False)
+        make_agent(mod, args, *mod.load_llm(args, CPU))
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_forward_passes_keep_no_cache(name, family, tiny_dirs, one_thread):
+    mod = MODULES[name]
+    args = mod.Args(model_id=tiny_dirs[family], cuda=False)
+    agent = make_agent(mod, args, *mod.load_llm(args, CPU))
+    calls = []
+    decoder = agent.parts[1]
+    handle = decoder.register_forward_hook(lambda m, a, kw, out: calls.append((kw.get("use_cache"), out.past_key_values)), with_kwargs=True)
+    try:
+        obs, info = pt.PlaygroundText(num_objects=3, seed=1).reset()
+        agent.policy_logp([mod.State(info["goal"], obs, tuple(info["possible_actions"]))], 8)
+    finally:
+        handle.remove()
+    assert calls == [(False, None)]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_loading_prints_nothing_alarming_without_4bit(name, tiny_dirs, tmp_path):
+    code = (
+        f"import torch, {name} as m; a = m.Args(model_id={tiny_dirs['llama']!r}, cuda=False); "
+        "m.load_llm(a, torch.device('cpu')); print('loaded')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "loaded", out.stderr
+    for alarming in ("kernels", "Failed", "Error", "error", "Warning"):
+        assert alarming not in out.stderr, out.stderr
