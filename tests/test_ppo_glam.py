@@ -442,7 +442,7 @@ def test_torchrun_ranks_identical_and_equal_to_one_process(ppo_runs):
     assert r0["trainable"].keys() == r1["trainable"].keys() == single["trainable"].keys()
     for k in r0["trainable"]:
         assert torch.equal(r0["trainable"][k], r1["trainable"][k]), f"{k} differs between ranks"
-    # The same data (env j seeded seed + j, one sampling rng for all envs) and the same global minibatches:
+    # The same data (env j seeded from (seed, j), one sampling rng for all envs) and the same global minibatches:
     # the 2-process updates equal the 1-process ones.
     assert any(single["trainable"][k].abs().max() > 1e-3 for k in single["trainable"] if "lora_B" in k)  # it trained
     for k in single["trainable"]:
