@@ -535,7 +535,8 @@ def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = 
 
 
 class StopSignal:
-    """SIGINT/SIGTERM ask for a checkpoint and an exit right after the current env step, skipping evaluation.
+    """SIGINT/SIGTERM ask for a checkpoint and an exit after the current env step (and the update due at that
+    step, if any), skipping evaluation.
 
     torchrun forwards a signal to its workers and kills them --shutdown-timeout seconds later (30 by default),
     and a scheduler may signal the workers too: repeated SIGTERMs only repeat the request, and no signal
@@ -564,8 +565,8 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def evaluate(
     agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int, stopper: StopSignal | None = None
 ) -> list[tuple[bool, int, str]] | None:
-    """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each; None when
-    a stop is requested meanwhile."""
+    """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each; None on
+    every rank when any rank gets a stop request meanwhile."""
     per_rank = -(-args.eval_episodes // world)
     n_envs = min(args.num_envs // world, per_rank)
     quota = -(-per_rank // n_envs)  # every env plays the same number of episodes: no bias to short ones
@@ -575,9 +576,15 @@ def evaluate(
     rng = np.random.default_rng([args.seed, rank, 7])
     obs, infos = envs.reset()
     lengths, results = np.zeros(n_envs, dtype=int), [[] for _ in range(n_envs)]
-    while min(len(r) for r in results) < quota:
-        if stopper is not None and stopper.requested:
+    while True:
+        # Every rank takes part in these two all-reduces until all are done, so a stop on one rank ends all at once.
+        if any_rank(stopper is not None and stopper.requested, agent.device):
             return None
+        done = min(len(r) for r in results) >= quota
+        if not any_rank(not done, agent.device):
+            break
+        if done:
+            continue
         states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
         actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng, greedy)
         obs, _, terminated, truncated, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
@@ -702,31 +709,33 @@ if __name__ == "__main__":
     def save_checkpoint():
         """Everything a resume needs to make the very update an uninterrupted run would have made."""
         stopper.saving = True  # a signal now must not kill the save
-        mine = pickle.dumps({
-            "rb": rb, "nsteps": nsteps, "envs": envs, "obs": obs, "infos": infos, "rng": rng.bit_generator.state,
-            "episode_lengths": episode_lengths, "finished": finished,
-        })
-        ranks = [None] * world if rank == 0 else None
-        if dist.is_initialized():
-            dist.gather_object(mine, ranks, dst=0)
-        else:
-            ranks = [mine]
-        if rank == 0:
-            path = os.path.join(args.checkpoint_dir, run_name)
-            os.makedirs(path, exist_ok=True)
-            torch.save({
-                "args": asdict(args), "run_name": run_name, "world_size": world, "global_step": global_step, "updates": updates,
-                "elapsed": time.time() - start_time, "trainable": trainable_state(agent), "optimizer": optimizer.state_dict(),
-                "a_optimizer": a_optimizer.state_dict(), "log_alpha": log_alpha.detach().cpu(), "torch_rng": torch.get_rng_state(),
-                "window": list(window), "ranks": ranks,
-            }, os.path.join(path, "checkpoint.pt.tmp"))
-            os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
-            if args.lora_r > 0:
-                agent.llm.save_pretrained(os.path.join(path, "adapter"))
-            print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
-        stopper.saving = False
+        try:
+            mine = pickle.dumps({
+                "rb": rb, "nsteps": nsteps, "envs": envs, "obs": obs, "infos": infos, "rng": rng.bit_generator.state,
+                "episode_lengths": episode_lengths, "finished": finished,
+            })
+            ranks = [None] * world if rank == 0 else None
+            if dist.is_initialized():
+                dist.gather_object(mine, ranks, dst=0)
+            else:
+                ranks = [mine]
+            if rank == 0:
+                path = os.path.join(args.checkpoint_dir, run_name)
+                os.makedirs(path, exist_ok=True)
+                torch.save({
+                    "args": asdict(args), "run_name": run_name, "world_size": world, "global_step": global_step, "updates": updates,
+                    "elapsed": time.time() - start_time, "trainable": trainable_state(agent), "optimizer": optimizer.state_dict(),
+                    "a_optimizer": a_optimizer.state_dict(), "log_alpha": log_alpha.detach().cpu(), "torch_rng": torch.get_rng_state(),
+                    "window": list(window), "ranks": ranks,
+                }, os.path.join(path, "checkpoint.pt.tmp"))
+                os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
+                if args.lora_r > 0:
+                    agent.llm.save_pretrained(os.path.join(path, "adapter"))
+                print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
+        finally:
+            stopper.saving = False
 
-    stopper = StopSignal()  # SIGINT/SIGTERM: checkpoint right after the current env step, then exit
+    stopper = StopSignal()  # SIGINT/SIGTERM: checkpoint after the current env step (and its update, if due), then exit
 
     start_time, start_step = time.time() - elapsed, global_step
     session_start = time.time()
@@ -811,7 +820,7 @@ if __name__ == "__main__":
         # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation). A stop
         # request skips or interrupts it: the checkpoint comes first.
         if args.eval_frequency and global_step % args.eval_frequency < args.num_envs:
-            if rank == 0:
+            if rank == 0 and not stopper.requested:
                 print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled", flush=True)
             for split in ("train", "test"):
                 for mode in ("greedy", "sampled"):

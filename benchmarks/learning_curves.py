@@ -23,7 +23,7 @@ Settings: Tables 1-3 and Appendix C wherever they fit this CPU and a random acto
 every 32 steps, 2 updates of batch 256, n-step 3, replay 100k, alpha autotuned with target entropy 0
 (0.01 with HER) and learning rate 2e-3, learning starts 2,048, 250-update critic warm-up, HER ratio 0.5;
 PPO: 2,048 transitions per update, 16 epochs, minibatch 256, clip 0.2, GAE lambda 0.99, entropy 0.01,
-value 0.5, grad norm 0.5). Changed, and why (README, "Results", has the diagnostic runs behind these):
+value 0.5 on GLAM's clipped value loss, grad norm 0.5). Changed, and why (README, "Results", has the diagnostic runs behind these):
   - the actor is a random tiny model (hidden 64, 2 layers, 172-token env tokenizer with one token per
     "Go to <object>" action, 85k parameters), fully fine-tuned (--lora-r 0: low-rank adapters on a
     random model would only restrict it);

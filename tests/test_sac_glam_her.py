@@ -458,33 +458,54 @@ def test_end_to_end_prior_sampling_cap_and_test_goals(runs):
     assert goals & set(pt.all_goals("test")), "with --her-test-goals, held-out goals relabel too"
 
 
-def test_sigterm_during_evaluation_under_torchrun_checkpoints_and_resumes(runner, tiny_dirs, tmp_path_factory):
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:  # the process ended meanwhile
+        return ""
+
+
+@pytest.mark.parametrize("who", ["all", "rank1"])
+def test_sigterm_during_evaluation_under_torchrun_checkpoints_and_resumes(who, runner, tiny_dirs, tmp_path_factory):
     """torchrun forwards SIGTERM and kills its workers 30 s later; a scheduler may signal the workers too.
-    A stop must not wait for a long evaluation (here ~100,000 episodes), and the second SIGTERM a worker
-    receives must not kill it before or during the save."""
-    cwd = tmp_path_factory.mktemp("her_sigterm")
+    A stop must not wait for a long evaluation (here ~100,000 episodes), the second SIGTERM a worker
+    receives must not kill it before or during the save ("all"), and a signal that reaches one rank only
+    must stop the other rank's evaluation too ("rank1")."""
+    cwd = tmp_path_factory.mktemp(f"her_sigterm_{who}")
     (cwd / "wrapper.py").write_text(WRAPPER)
     args = list(COMMON)
     args[args.index("--eval-frequency") + 1] = "32"
     args += ["--model-id", tiny_dirs["llama"], "--her-buffer-size", "64", "--total-timesteps", "96", "--eval-episodes", "100000"]
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run = runner.start("her_sigterm", [], cwd=cwd, cmd=head + [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), *args])
+    run = runner.start(f"her_sigterm_{who}", [], cwd=cwd, cmd=head + [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), *args])
     deadline = time.time() + 600
     while "evaluation at step 32" not in run.stdout:
         assert run.proc.poll() is None and time.time() < deadline, run.describe()
         time.sleep(0.05)
     time.sleep(1.0)  # well inside the evaluation
-    workers = [pid for pid in _descendants(run.proc.pid) if "wrapper.py" in Path(f"/proc/{pid}/cmdline").read_text()]
-    assert len(workers) == 2, workers
-    for pid in workers:  # the scheduler's SIGTERM to every process of the job ...
-        os.kill(pid, signal.SIGTERM)
-    run.proc.send_signal(signal.SIGTERM)  # ... and torchrun's, forwarded to its workers
-    run.wait()  # torchrun itself exits with its SignalException (rc 1, its traceback); its workers end cleanly:
+    workers = {}
+    for pid in _descendants(run.proc.pid):
+        cmdline = _cmdline(pid)
+        if "wrapper.py" in cmdline:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            workers[int(next(e for e in env if e.startswith(b"RANK="))[5:])] = pid
+    assert sorted(workers) == [0, 1], workers
+    if who == "all":
+        for pid in workers.values():  # the scheduler's SIGTERM to every process of the job ...
+            os.kill(pid, signal.SIGTERM)
+        run.proc.send_signal(signal.SIGTERM)  # ... and torchrun's, forwarded to its workers
+    else:
+        os.kill(workers[1], signal.SIGTERM)
+    run.wait(timeout=time.time() - run.start_time + 120)  # the evaluation left would take minutes
+    # With "all", torchrun itself exits with its SignalException (rc 1, its traceback); its workers end cleanly:
     assert run.stdout.count("stopped by signal") == 1 and "KeyboardInterrupt" not in run.stderr, run.describe()
     assert (cwd / "rank0.pt").exists() and (cwd / "rank1.pt").exists(), run.describe()  # written after main returned
     ck = run.checkpoint()
     assert (ck["global_step"], ck["world_size"]) == (32, 2) and len(ranks_of(ck)) == 2
     assert not [tag for tag in scalars(run.run_dir()) if tag.startswith("eval/")]  # the interrupted evaluation is not logged
+    if who == "rank1":
+        assert run.rc == 0, run.describe()
+        return
     resumed = runner.start("her_sigterm_resume", [], cwd=cwd, cmd=head + [
         str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), "--resume", str(run.checkpoint_dir()), "--total-timesteps", "40"]).check()
     assert resumed.checkpoint()["global_step"] == 40
