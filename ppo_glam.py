@@ -210,6 +210,22 @@ def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
 
 
+class ActionBlock(NamedTuple):
+    """The token layout of one set of candidate actions (Agent.action_block), relative to the prompt."""
+
+    tokens: np.ndarray  # decoder tokens: the action tree depth-first (decoder-only) or one block per action
+    depth: np.ndarray  # per node: its depth after the prompt (decoder-only: 1 for an action's first token)
+    end: np.ndarray  # per node i: the nodes i..end[i]-1 see it (its subtree, or the rest of its block)
+    heads: np.ndarray  # per distinct action prefix: the node whose output predicts its next token (-1: the prompt's last)
+    tok_head: np.ndarray  # per action token: the head that predicts it
+    tok_id: np.ndarray  # per action token: its id
+    tok_k: np.ndarray  # per action token: the index of its action
+    feat: np.ndarray  # per action: the node of its last token (the critic's input)
+
+
+TOKEN_CACHE_SIZE = 2**18  # prompts and action sets whose token ids and layout an Agent keeps (oldest first out)
+
+
 class Agent(nn.Module):
     def __init__(self, llm, tokenizer, args: Args, device: torch.device):
         super().__init__()
@@ -224,6 +240,8 @@ class Agent(nn.Module):
         self.value_head = mlp(hidden, args.value_hidden, 1).to(device)
         self.autocast = device.type == "cuda" and args.bf16
         self._action_ids: dict[str, list[int]] = {}
+        self._prompt_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._block_cache: collections.OrderedDict[tuple[str, ...], ActionBlock] = collections.OrderedDict()
         self.check_tokenization()
 
     # -- tokens -------------------------------------------------------------------------------------
@@ -260,82 +278,144 @@ class Agent(nn.Module):
                     "(for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
                 )
 
-    def layout(self, states: list[State]):
+    def prompt_ids(self, states: list[State]) -> list[np.ndarray]:
+        """Token ids of each state's prompt (Figure 3). Cached per prompt, oldest first out: a stored transition
+        is laid out again every time it is sampled (about 30 times at Table 2 settings)."""
+        prompts = [pt.format_prompt(s.goal, s.observation) for s in states]
+        cache = self._prompt_cache
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if missing:
+            for p, ids in zip(missing, self.tokenizer(missing, add_special_tokens=True).input_ids):
+                cache[p] = np.array(ids, dtype=np.int32)
+            while len(cache) > TOKEN_CACHE_SIZE:
+                cache.popitem(last=False)
+        return [cache[p] for p in prompts]
+
+    def action_block(self, actions: tuple[str, ...]) -> ActionBlock:
+        """The token layout of one set of candidate actions, cached (a scene offers few distinct sets).
+
+        Decoder-only: the actions' tokens as a prefix tree ("Go to red ..." shares "Go to red") in depth-first
+        order, so that the nodes a token may attend to (the prompt, then its ancestors) are exactly those j
+        with j <= i < end[j]. Encoder-decoder: one contiguous block [start, action tokens] per action (T5's
+        relative positions need them), each a chain. The LM head runs once per distinct action prefix:
+        heads[h] is the node whose output predicts the next token (-1: the prompt's last token).
+        """
+        block = self._block_cache.get(actions)
+        if block is not None:
+            return block
+        tokens, depth, end, heads, tok_head, tok_id, tok_k, feat = [], [], [], [], [], [], [], []
+        head_of: dict[tuple[int, ...], int] = {}  # action prefix -> its head row
+        node_of: dict[tuple[int, ...], int] = {}  # action prefix -> the node of its last token
+        if self.encoder_decoder:
+            for k, action in enumerate(actions):
+                ids, first = self.action_ids(action), len(tokens)
+                tokens += [self.llm.config.decoder_start_token_id, *ids]
+                depth += range(len(ids) + 1)
+                end += [first + len(ids) + 1] * (len(ids) + 1)
+                for j in range(len(ids)):
+                    node_of.setdefault(tuple(ids[:j]), first + j)  # equal prefixes give equal hidden states
+                feat.append(first + len(ids))
+        else:
+            trie: dict = {}  # token -> subtree
+            for action in actions:
+                level = trie
+                for t in self.action_ids(action):
+                    level = level.setdefault(t, {})
+
+            def visit(level: dict, prefix: tuple[int, ...], d: int):
+                for t, sub in level.items():
+                    node_of[prefix + (t,)] = len(tokens)
+                    tokens.append(t)
+                    depth.append(d)
+                    end.append(-1)
+                    i = len(tokens) - 1
+                    visit(sub, prefix + (t,), d + 1)
+                    end[i] = len(tokens)
+
+            visit(trie, (), 1)
+            node_of[()] = -1
+            for action in actions:
+                feat.append(node_of[tuple(self.action_ids(action))])
+        for k, action in enumerate(actions):
+            ids = self.action_ids(action)
+            for j, t in enumerate(ids):
+                key = tuple(ids[:j])
+                if key not in head_of:
+                    head_of[key] = len(heads)
+                    heads.append(node_of[key])
+                tok_head.append(head_of[key])
+                tok_id.append(t)
+                tok_k.append(k)
+        block = ActionBlock(*(np.array(a, dtype=np.int64) for a in (tokens, depth, end, heads, tok_head, tok_id, tok_k, feat)))
+        self._block_cache[actions] = block
+        while len(self._block_cache) > TOKEN_CACHE_SIZE:
+            self._block_cache.popitem(last=False)
+        return block
+
+    def layout(self, states: list[State]) -> dict[str, torch.Tensor]:
         """Token layout of one forward pass for a batch of states (the speed of SAC-GLAM hinges on it).
 
-        Decoder-only: one sequence per state, the prompt once, then every candidate action; a 4D mask
-        lets each action token see the prompt and its own action's earlier tokens only, and position
-        ids restart after the prompt, so each action is scored exactly as in prompt + action alone.
-        Actions that start with the same tokens ("Go to red ...") share those tokens (a prefix tree).
-        Encoder-decoder: the encoder runs once per prompt; the decoder sequence of a state holds one
-        block [start, action tokens] per action (T5's relative positions need contiguous blocks), and
-        the cross-attention keys/values are computed once per state, not once per action.
-        The LM head runs once per distinct (state, action prefix), not at every position.
+        Decoder-only: one sequence per state, the prompt once, then the action tree; a 4D mask lets each
+        action token see the prompt and its own action's earlier tokens only, and position ids restart after
+        the prompt, so each action is scored exactly as in prompt + action alone. Encoder-decoder: the
+        encoder runs once per prompt; the decoder sequence of a state holds the action blocks, and the
+        cross-attention keys/values are computed once per state, not once per action. Built from cached
+        per-prompt and per-action-set pieces with whole-batch numpy operations; the mask is built on the device.
         """
-        tok = self.tokenizer
-        prompts = tok([pt.format_prompt(s.goal, s.observation) for s in states], add_special_tokens=True).input_ids
-        k_max = max(len(s.actions) for s in states)
-        seqs, parents, head_rows, tok_rows, tok_ids, tok_slots, feat_rows, obs_rows = [], [], [], [], [], [], [], []
-        for b, (state, prompt) in enumerate(zip(states, prompts)):
-            tokens, parent, children, head_row = [], [], {}, {}
+        n = len(states)
+        prompts = self.prompt_ids(states)
+        blocks = [self.action_block(s.actions) for s in states]
+        P = np.array([len(p) for p in prompts]) * (not self.encoder_decoder)  # prompt tokens in the decoder sequence
+        T = np.array([len(b.tokens) for b in blocks])
+        K = np.array([len(b.feat) for b in blocks])
+        H = np.array([len(b.heads) for b in blocks])
+        lengths, k_max = P + T, int(K.max())
+        length = int(lengths.max())
 
-            def add(token, par):
-                tokens.append(token), parent.append(par)
-                return len(tokens) - 1
+        def flat(arrays: list[np.ndarray], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """Concatenated per-state arrays, with each element's state and index within its state."""
+            values = np.concatenate(arrays)
+            state = np.repeat(np.arange(n), sizes)
+            return values, state, np.arange(len(values)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
 
-            last = -1
-            if not self.encoder_decoder:
-                for t in prompt:
-                    last = add(t, last)
-            for k, action in enumerate(state.actions):
-                node = last if not self.encoder_decoder else add(self.llm.config.decoder_start_token_id, -1)
-                if k == 0:
-                    obs_rows.append((b, node))
-                ids = self.action_ids(action)
-                for j, t in enumerate(ids):
-                    # The distribution of token j is read at its parent node, once per distinct prefix.
-                    key = tuple(ids[:j])
-                    if key not in head_row:
-                        head_row[key] = len(head_rows)
-                        head_rows.append((b, node))
-                    tok_rows.append(head_row[key]), tok_ids.append(t), tok_slots.append(b * k_max + k)
-                    child = children.get((node, t)) if not self.encoder_decoder else None
-                    if child is None:
-                        child = add(t, node)
-                        if not self.encoder_decoder:
-                            children[node, t] = child
-                    node = child
-                feat_rows.append((b, node, k))  # last token of prompt + action: the critic's input
-            seqs.append(tokens), parents.append(parent)
-
-        n, length = len(states), max(len(s) for s in seqs)
-        ids = np.full((n, length), tok.pad_token_id, dtype=np.int64)
+        ids = np.full((n, length), self.tokenizer.pad_token_id, dtype=np.int64)
         pos = np.zeros((n, length), dtype=np.int64)
-        mask = np.zeros((n, 1, length, length), dtype=bool)
-        for b, (tokens, parent) in enumerate(zip(seqs, parents)):
-            ids[b, : len(tokens)] = tokens
-            m, depth = mask[b, 0], pos[b]
-            for i, p in enumerate(parent):  # a token sees its ancestors and itself
-                if p >= 0:
-                    m[i] = m[p]
-                    depth[i] = depth[p] + 1
-                m[i, i] = True
-            m[np.arange(len(tokens), length), np.arange(len(tokens), length)] = True  # padding sees itself only
-        flat = lambda pairs: torch.tensor([b * length + i for b, i in pairs], dtype=torch.long)
-        feat = torch.zeros(n * k_max, dtype=torch.long)
-        feat[[b * k_max + k for b, _, k in feat_rows]] = flat([(b, i) for b, i, _ in feat_rows])
-        valid = torch.zeros(n, k_max, dtype=torch.bool)
-        for b, s in enumerate(states):
-            valid[b, : len(s.actions)] = True
+        end = np.broadcast_to(np.arange(1, length + 1), (n, length)).copy()  # padding sees itself only
+        node_tok, node_b, node_i = flat([b.tokens for b in blocks], T)
+        col = P[node_b] + node_i
+        ids[node_b, col] = node_tok
+        pos[node_b, col] = P[node_b] - 1 + np.concatenate([b.depth for b in blocks]) if not self.encoder_decoder else node_i
+        end[node_b, col] = P[node_b] + np.concatenate([b.end for b in blocks])
+        if not self.encoder_decoder:  # the prompt: a causal chain that every later token of its sequence sees
+            prompt_tok, prompt_b, prompt_i = flat(prompts, P)
+            ids[prompt_b, prompt_i], pos[prompt_b, prompt_i], end[prompt_b, prompt_i] = prompt_tok, prompt_i, lengths[prompt_b]
+        head_local, head_b, _ = flat([b.heads for b in blocks], H)
+        head_rows = head_b * length + np.where(head_local < 0, P[head_b] - 1, P[head_b] + head_local)
+        tok_head, tok_b, _ = flat([b.tok_head for b in blocks], np.array([len(b.tok_id) for b in blocks]))
+        feat_local, feat_b, feat_k = flat([b.feat for b in blocks], K)
+        feat = np.zeros(n * k_max, dtype=np.int64)
+        feat[feat_b * k_max + feat_k] = feat_b * length + P[feat_b] + feat_local
         batch = {
-            "ids": torch.from_numpy(ids), "pos": torch.from_numpy(pos), "mask": torch.from_numpy(mask),
-            "head_rows": flat(head_rows), "tok_rows": torch.tensor(tok_rows), "tok_ids": torch.tensor(tok_ids),
-            "tok_slots": torch.tensor(tok_slots), "feat_rows": feat, "obs_rows": flat(obs_rows), "valid": valid,
+            "ids": ids, "pos": pos, "end": end, "head_rows": head_rows,
+            "tok_rows": tok_head + np.repeat(np.cumsum(H) - H, [len(b.tok_id) for b in blocks]),
+            "tok_ids": np.concatenate([b.tok_id for b in blocks]),
+            "tok_slots": tok_b * k_max + np.concatenate([b.tok_k for b in blocks]), "feat_rows": feat,
+            "obs_rows": np.arange(n) * length + np.maximum(P - 1, 0), "valid": np.arange(k_max) < K[:, None],
         }
         if self.encoder_decoder:
-            enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
-            batch["enc_ids"], batch["enc_mask"] = enc["input_ids"], enc["attention_mask"]
-        return {k: v.to(self.device) for k, v in batch.items()}
+            enc_len = max(len(p) for p in prompts)
+            prompt_tok, prompt_b, prompt_i = flat(prompts, np.array([len(p) for p in prompts]))
+            batch["enc_ids"] = np.full((n, enc_len), self.tokenizer.pad_token_id, dtype=np.int64)
+            batch["enc_ids"][prompt_b, prompt_i] = prompt_tok
+            batch["enc_mask"] = np.zeros((n, enc_len), dtype=np.int64)
+            batch["enc_mask"][prompt_b, prompt_i] = 1
+        cuda = self.device.type == "cuda"
+        x = {k: torch.from_numpy(v) for k, v in batch.items()}
+        x = {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in x.items()}
+        # Token i sees token j iff j <= i < end[j]: the prompt before it and its own action's ancestors.
+        i = torch.arange(length, device=self.device)
+        x["mask"] = ((i[:, None] >= i[None, :]) & (i[None, :, None] < x.pop("end")[:, None, :]))[:, None]
+        return x
 
     def forward(self, states: list[State]):
         """Log pi(.|s) over each state's actions (Eq. 1-2) and V(s), in one LLM pass.
@@ -434,12 +514,12 @@ def ppo_loss(
     # pi = 0 on padded slots; their log pi (-inf) is zeroed so that 0 * -inf never makes a NaN (nor a NaN gradient).
     entropy = -(logp.exp() * logp.masked_fill(~valid, 0.0)).sum() / total
     loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
-    with torch.no_grad():
+    with torch.no_grad():  # statistics stay tensors until logging: an .item() per chunk would wait for the GPU
         stats = {
-            "policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "entropy": entropy.item(),
-            "approx_kl": (((ratio - 1) - logratio).sum() / total).item(),
-            "clipfrac": (((ratio - 1).abs() > clip_coef).float().sum() / total).item(),
-            "max_ratio_error": (ratio - 1).abs().max().item(),
+            "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy.detach(),
+            "approx_kl": ((ratio - 1) - logratio).sum() / total,
+            "clipfrac": ((ratio - 1).abs() > clip_coef).float().sum() / total,
+            "max_ratio_error": (ratio - 1).abs().max(),
         }
     return loss, stats
 
@@ -484,7 +564,7 @@ def all_reduce_gradients(params: list[torch.Tensor], average: bool):
 
 def global_sums(values: list, device: torch.device) -> list[float]:
     """Sums over ranks of a few numbers, in one float64 all-reduce: the same result on every rank."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])  # one sync, in tolist
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -785,14 +865,14 @@ if __name__ == "__main__":
                             total=args.minibatch_size,
                         )
                         loss.backward()
-                        mb_stats["max_ratio_error"] = max(mb_stats["max_ratio_error"], chunk_stats.pop("max_ratio_error"))
+                        mb_stats["max_ratio_error"] = chunk_stats.pop("max_ratio_error").clamp_min(mb_stats["max_ratio_error"])
                         for k, v in chunk_stats.items():
                             mb_stats[k] += v
                     all_reduce_gradients(params, average=False)  # each rank's loss is its share of the global sums
                     grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # global: every rank holds the summed gradient
                     optimizer.step()
                     if minibatches == 0:  # before any step, pi = pi_old: the ratio must be 1 (rollout and update agree)
-                        ratio_error = max(gather(mb_stats["max_ratio_error"]))
+                        ratio_error = max(gather(float(mb_stats["max_ratio_error"])))
                     keys = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
                     mb_stats = dict(zip(keys, global_sums([mb_stats[k] for k in keys], device)))  # the global minibatch's means
                     mb_stats["grad_norm"] = grad_norm.item()  # before clipping

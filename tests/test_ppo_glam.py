@@ -211,7 +211,7 @@ def test_ppo_loss_clipped_value_as_glam_and_global_denominator():
     _, full = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
                           clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
     for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac"):
-        assert half[k] == pytest.approx(full[k] / 2, abs=1e-7), k
+        assert float(half[k]) == pytest.approx(float(full[k]) / 2, abs=1e-7), k
 
 
 def test_advantage_normalisation_and_explained_variance():
