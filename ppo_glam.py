@@ -287,9 +287,10 @@ class Agent(nn.Module):
         if missing:
             for p, ids in zip(missing, self.tokenizer(missing, add_special_tokens=True).input_ids):
                 cache[p] = np.array(ids, dtype=np.int32)
-            while len(cache) > TOKEN_CACHE_SIZE:
-                cache.popitem(last=False)
-        return [cache[p] for p in prompts]
+        out = [cache[p] for p in prompts]
+        while len(cache) > TOKEN_CACHE_SIZE:
+            cache.popitem(last=False)
+        return out
 
     def action_block(self, actions: tuple[str, ...]) -> ActionBlock:
         """The token layout of one set of candidate actions, cached (a scene offers few distinct sets).
@@ -360,7 +361,8 @@ class Agent(nn.Module):
         the prompt, so each action is scored exactly as in prompt + action alone. Encoder-decoder: the
         encoder runs once per prompt; the decoder sequence of a state holds the action blocks, and the
         cross-attention keys/values are computed once per state, not once per action. Built from cached
-        per-prompt and per-action-set pieces with whole-batch numpy operations; the mask is built on the device.
+        per-prompt and per-action-set pieces with whole-batch numpy operations; the mask is built on the device
+        (attention_mask) from each token's span "end".
         """
         n = len(states)
         prompts = self.prompt_ids(states)
@@ -411,11 +413,14 @@ class Agent(nn.Module):
             batch["enc_mask"][prompt_b, prompt_i] = 1
         cuda = self.device.type == "cuda"
         x = {k: torch.from_numpy(v) for k, v in batch.items()}
-        x = {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in x.items()}
-        # Token i sees token j iff j <= i < end[j]: the prompt before it and its own action's ancestors.
-        i = torch.arange(length, device=self.device)
-        x["mask"] = ((i[:, None] >= i[None, :]) & (i[None, :, None] < x.pop("end")[:, None, :]))[:, None]
-        return x
+        return {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in x.items()}
+
+    @staticmethod
+    def attention_mask(end: torch.Tensor) -> torch.Tensor:
+        """The 4D mask of a layout, built where the model runs: token i sees token j iff j <= i < end[j] (the
+        prompt before it and its own action's ancestors; a padding token only itself)."""
+        i = torch.arange(end.shape[1], device=end.device)
+        return ((i[:, None] >= i[None, :]) & (i[None, :, None] < end[:, None, :]))[:, None]
 
     def forward(self, states: list[State]):
         """Log pi(.|s) over each state's actions (Eq. 1-2) and V(s), in one LLM pass.
@@ -424,6 +429,7 @@ class Agent(nn.Module):
         are masked out of the softmax: they never change a probability.
         """
         x = self.layout(states)
+        x["mask"] = self.attention_mask(x.pop("end"))
         encoder, decoder, lm_head = self.parts
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             if self.encoder_decoder:

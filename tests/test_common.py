@@ -186,3 +186,35 @@ def test_loading_prints_nothing_alarming_without_4bit(name, tiny_dirs, tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "loaded", out.stderr
     for alarming in ("kernels", "Failed", "Error", "error", "Warning"):
         assert alarming not in out.stderr, out.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Host-side layout: cached token ids give the very layout of a cold start; the caches stay bounded
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_layout_from_warm_caches_equals_cold_and_caches_are_bounded(name, family, tiny_dirs, monkeypatch, one_thread):
+    mod = MODULES[name]
+    args = mod.Args(model_id=tiny_dirs[family], cuda=False)
+    agent = make_agent(mod, args, *mod.load_llm(args, CPU))
+    vec = pt.SyncVecPlaygroundText(6, seed=3, num_objects=4)
+    obs, infos = vec.reset()
+    states = []
+    for _ in range(5):
+        states += [mod.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        obs, _, _, _, infos = vec.step([info["possible_actions"][-1] for info in infos])
+    states += states[:4]  # repeated states in one batch
+    cold = agent.layout(states)
+    warm = agent.layout(states)
+    assert cold.keys() == warm.keys() and all(torch.equal(cold[k], warm[k]) for k in cold)
+    fresh = make_agent(mod, args, agent.llm, agent.tokenizer)
+    for part in (states[:7], states[7:]):  # a batch's layout does not depend on what else is in the batch
+        got, alone = agent.layout(part), fresh.layout(part)
+        assert all(torch.equal(got[k], alone[k]) for k in got)
+    monkeypatch.setattr(mod, "TOKEN_CACHE_SIZE", 5)
+    agent._prompt_cache.clear()
+    agent._block_cache.clear()
+    agent.layout(states)  # more distinct prompts and action sets than the caches keep
+    assert len(agent._prompt_cache) == 5 and len(agent._block_cache) == 5
+    relaid = agent.layout(states)
+    assert all(torch.equal(cold[k], relaid[k]) for k in cold)
