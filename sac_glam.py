@@ -56,6 +56,10 @@ class Args:
     """LoRA rank of the adapters on every linear layer of the LLM; 0 fine-tunes all LLM weights instead"""
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = lora_alpha / lora_r)"""
+    action_end: Literal["eos", "newline", "none"] = "eos"
+    """what ends a decoder-only model's action in Eq. 1: EOS, a newline, or nothing (the env's actions are prefix-free); T5: EOS"""
+    chat_template: bool = False
+    """wrap the Figure 3 prompt in the tokenizer's chat template as a user turn; the action is the assistant's reply"""
     score_chunk_size: int = 64
     """states per forward pass when acting or evaluating (bounds memory)"""
     update_chunk_size: int = 64
@@ -246,35 +250,49 @@ class Agent(nn.Module):
         self.critic_input = args.critic_input
         self.autocast = device.type == "cuda" and args.bf16
         self._action_ids: dict[str, list[int]] = {}
-        self._prompt_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.action_end, self.chat_template = args.action_end, args.chat_template and not self.encoder_decoder
+        if self.chat_template and not getattr(tokenizer, "chat_template", None):
+            fail(f"--chat-template: the tokenizer of {args.model_id!r} has no chat template; drop the flag")
+        self._prompt_cache: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
         self._block_cache: collections.OrderedDict[tuple[str, ...], ActionBlock] = collections.OrderedDict()
         self.check_tokenization()
 
     # -- tokens -------------------------------------------------------------------------------------
     def action_ids(self, action: str) -> list[int]:
-        """Action tokens, ending with EOS so that no action's tokens are a prefix of another's."""
+        """The tokens Eq. 1 scores for an action: its text, then what ends it (--action-end)."""
         ids = self._action_ids.get(action)
         if ids is None:
             tok = self.tokenizer
             if self.encoder_decoder:  # T5's tokenizer appends </s> itself
                 ids = tok(action, add_special_tokens=True).input_ids
                 ids = ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
-            else:  # the action continues the prompt "... Action:" after a space
-                ids = tok(" " + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            else:  # the action continues the prompt: after a space ("... Action: Go to ..."), or opens the reply
+                text = action if self.chat_template else " " + action
+                ids = tok(text + ("\n" if self.action_end == "newline" else ""), add_special_tokens=False).input_ids
+                ids = ids + [tok.eos_token_id] if self.action_end == "eos" else ids
             self._action_ids[action] = ids
         return ids
 
+    def render(self, goal: str, observation: str) -> str:
+        """The prompt text: Figure 3's, or that as the user turn of the chat template (--chat-template)."""
+        prompt = pt.format_prompt(goal, observation)
+        if not self.chat_template:
+            return prompt
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
     def check_tokenization(self):
         """Eq. 1 reads an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
-        as the prompt's tokens, then the action's (a SentencePiece tokenizer may add a lone space token instead)."""
+        as the prompt's tokens, then the action's (a SentencePiece tokenizer may add a lone space token instead);
+        the terminator of --action-end must be a token of its own."""
         if self.encoder_decoder:  # the decoder reads the action alone, as T5 reads its targets
             return
         obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
-        prompt = pt.format_prompt(info["goal"], obs)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+        prompt = self.render(info["goal"], obs)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.chat_template).input_ids
         for action in info["possible_actions"] + ["Grasp", "Release"]:
-            joint = self.tokenizer(prompt + " " + action, add_special_tokens=True).input_ids
-            apart = prompt_ids + self.action_ids(action)[:-1]  # without the EOS that ends every action
+            text = (action if self.chat_template else " " + action) + ("\n" if self.action_end == "newline" else "")
+            joint = self.tokenizer(prompt + text, add_special_tokens=not self.chat_template).input_ids
+            apart = prompt_ids + self.action_ids(action)[: -1 if self.action_end == "eos" else None]
             if joint != apart:
                 fail(
                     f"the tokenizer splits prompt + action differently from the prompt, then the action: "
@@ -283,17 +301,22 @@ class Agent(nn.Module):
                     "score tokens the model never reads. Use a model whose tokenizer does not add a lone space token "
                     "(for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
                 )
+        if self.action_end == "newline":
+            bare = self.tokenizer("Grasp" if self.chat_template else " Grasp", add_special_tokens=False).input_ids
+            if len(self.action_ids("Grasp")) <= len(bare) or self.action_ids("Grasp")[: len(bare)] != bare:
+                fail("--action-end newline: this tokenizer has no token for the newline after an action; use eos or none")
 
     def prompt_ids(self, states: list[State]) -> list[np.ndarray]:
         """Token ids of each state's prompt (Figure 3). Cached per prompt, oldest first out: a stored transition
         is laid out again every time it is sampled (about 30 times at Table 2 settings)."""
-        prompts = [pt.format_prompt(s.goal, s.observation) for s in states]
+        keys = [(s.goal, s.observation) for s in states]
         cache = self._prompt_cache
-        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        missing = list(dict.fromkeys(k for k in keys if k not in cache))
         if missing:
-            for p, ids in zip(missing, self.tokenizer(missing, add_special_tokens=True).input_ids):
-                cache[p] = np.array(ids, dtype=np.int32)
-        out = [cache[p] for p in prompts]
+            texts = [self.render(goal, observation) for goal, observation in missing]
+            for key, ids in zip(missing, self.tokenizer(texts, add_special_tokens=not self.chat_template).input_ids):
+                cache[key] = np.array(ids, dtype=np.int32)
+        out = [cache[k] for k in keys]
         while len(cache) > TOKEN_CACHE_SIZE:
             cache.popitem(last=False)
         return out
@@ -324,10 +347,14 @@ class Agent(nn.Module):
                 feat.append(first + len(ids))
         else:
             trie: dict = {}  # token -> subtree
+            ends = []
             for action in actions:
                 level = trie
                 for t in self.action_ids(action):
                     level = level.setdefault(t, {})
+                ends.append(level)
+            if any(ends):  # an action's tokens continue into another's: the tree cannot tell them apart
+                fail(f"among the actions {list(actions)}, one's tokens are a prefix of another's: use --action-end eos")
 
             def visit(level: dict, prefix: tuple[int, ...], d: int):
                 for t, sub in level.items():

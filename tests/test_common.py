@@ -19,7 +19,7 @@ import playground_text as pt
 import ppo_glam
 import sac_glam
 import sac_glam_her
-from conftest import script_env
+from conftest import nonzero_lora, script_env
 
 CPU = torch.device("cpu")
 MODULES = {"sac_glam": sac_glam, "sac_glam_her": sac_glam_her, "ppo_glam": ppo_glam}
@@ -218,3 +218,81 @@ def test_layout_from_warm_caches_equals_cold_and_caches_are_bounded(name, family
     assert len(agent._prompt_cache) == 5 and len(agent._block_cache) == 5
     relaid = agent.layout(states)
     assert all(torch.equal(cold[k], relaid[k]) for k in cold)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Scoring options of decoder-only models: what ends an action, the chat template (Eq. 1 exact for each)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory):
+    import tiny_models
+
+    return tiny_models.save_tiny_causal(tmp_path_factory.mktemp("bpe"), tokenizer=tiny_models.make_bpe_tokenizer())
+
+
+def ragged_states(mod) -> list:
+    vec = pt.SyncVecPlaygroundText(4, seed=2, num_objects=4, goal_types=("grasp", "grow"))
+    obs, infos = vec.reset()
+    out = []
+    for step in range(3):
+        out += [mod.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        obs, _, _, _, infos = vec.step([info["possible_actions"][step % len(info["possible_actions"])] for info in infos])
+    return out
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("action_end", ["eos", "newline", "none"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_scoring_options_match_naive_one_sequence_computation(name, action_end, chat, bpe_model, one_thread):
+    mod = MODULES[name]
+    args = mod.Args(model_id=bpe_model, cuda=False, action_end=action_end, chat_template=chat)
+    torch.manual_seed(0)
+    llm, tok = mod.load_llm(args, CPU)
+    nonzero_lora(llm)
+    agent = make_agent(mod, args, llm, tok)
+    last = tok.convert_ids_to_tokens(agent.action_ids("Grasp"))[-1]  # what ends an action
+    assert last == {"eos": "<|im_end|>", "newline": "Ċ"}[action_end] if action_end != "none" else last not in ("<|im_end|>", "Ċ")
+    states = ragged_states(mod)
+    with torch.no_grad():
+        logp = agent.policy_logp(states, 5)
+    spread = 0.0
+    for b, s in enumerate(states):
+        # Naive: the whole text (prompt, action, terminator) tokenized as one string, one sequence per action.
+        prompt_text = pt.format_prompt(s.goal, s.observation)
+        if chat:
+            prompt_text = tok.apply_chat_template([{"role": "user", "content": prompt_text}], tokenize=False, add_generation_prompt=True)
+        prompt = tok(prompt_text, add_special_tokens=not chat).input_ids
+        sums = []
+        for action in s.actions:
+            text = (action if chat else " " + action) + ("\n" if action_end == "newline" else "")
+            seq = tok(prompt_text + text, add_special_tokens=not chat).input_ids + ([tok.eos_token_id] if action_end == "eos" else [])
+            assert seq[: len(prompt)] == prompt
+            with torch.no_grad():
+                logits = llm(input_ids=torch.tensor([seq])).logits[0]
+            sums.append(logits.log_softmax(-1)[torch.arange(len(prompt) - 1, len(seq) - 1), torch.tensor(seq[len(prompt) :])].sum())
+        naive = torch.stack(sums).log_softmax(-1)
+        k = len(s.actions)
+        assert (logp[b, :k] - naive).abs().max().item() < 1e-5, (b, action_end, chat)
+        spread = max(spread, (naive.max() - naive.min()).item())
+    assert spread > 0.1
+
+
+def test_scoring_options_refuse_what_they_cannot_score(tiny_dirs, bpe_model, capsys, one_thread):
+    mod = sac_glam
+    cases = [
+        (dict(model_id=tiny_dirs["llama"], chat_template=True), "has no chat template"),  # word-level: no template
+        (dict(model_id=tiny_dirs["llama"], action_end="newline"), "no token for the newline"),  # whitespace is dropped
+    ]
+    for kwargs, needle in cases:
+        args = mod.Args(cuda=False, **kwargs)
+        with pytest.raises(SystemExit):
+            make_agent(mod, args, *mod.load_llm(args, CPU))
+        assert needle in capsys.readouterr().err
+    # Nothing ends an action: an action whose tokens continue into another's cannot be told apart.
+    args = mod.Args(model_id=tiny_dirs["llama"], cuda=False, action_end="none")
+    agent = make_agent(mod, args, *mod.load_llm(args, CPU))
+    obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
+    agent.policy_logp([mod.State(info["goal"], obs, tuple(info["possible_actions"]))], 8)  # the env's own actions: fine
+    with pytest.raises(SystemExit):
+        agent.policy_logp([mod.State(info["goal"], obs, ("Grasp", "Grasp red"))], 8)
+    assert "prefix of another's" in capsys.readouterr().err

