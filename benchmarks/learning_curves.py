@@ -140,7 +140,7 @@ def build_model(path: Path) -> str:
 def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[str]:
     common = ["--model-id", model, "--lora-r", "0", "--no-cuda", "--seed", str(seed), "--total-timesteps", str(steps),
               "--exp-name", algo, "--eval-frequency", "0", "--checkpoint-frequency", "0", "--log-frequency", "1024",
-              "--update-chunk-size", "256", "--gamma", str(args.gamma), *ENV_FLAGS]
+              "--update-chunk-size", "256", "--gamma", str(args.gamma), "--action-end", "eos", *ENV_FLAGS]
     if algo == "ppo_glam":
         return [sys.executable, str(ROOT / "ppo_glam.py"), *common, "--learning-rate", str(args.lr),
                 "--value-hidden", str(args.critic_hidden)]
