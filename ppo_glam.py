@@ -66,8 +66,8 @@ class Args:
     """LoRA rank of the adapters on every linear layer of the LLM; 0 fine-tunes all LLM weights instead"""
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = lora_alpha / lora_r)"""
-    action_end: Literal["eos", "newline", "none"] = "eos"
-    """what ends a decoder-only model's action in Eq. 1: EOS, a newline, or nothing (the env's actions are prefix-free); T5: EOS"""
+    action_end: Literal["eos", "newline", "none"] = "none"
+    """what ends a decoder-only model's action in Eq. 1: nothing (the env's actions are prefix-free), a newline, or EOS; T5: EOS"""
     chat_template: bool = False
     """wrap the Figure 3 prompt in the tokenizer's chat template as a user turn; the action is the assistant's reply"""
     score_chunk_size: int = 64

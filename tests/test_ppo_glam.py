@@ -269,7 +269,7 @@ def _naive(agent, state: pg.State) -> tuple[torch.Tensor, torch.Tensor, torch.Te
                 logits = agent.llm(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[start] + ids[:-1]])).logits[0]
                 sums.append(logits.log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)].sum())
             else:
-                ids = tok(" " + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
+                ids = tok(" " + action, add_special_tokens=False).input_ids + ([tok.eos_token_id] if agent.action_end == "eos" else [])
                 logits = agent.llm(input_ids=torch.tensor([prompt + ids])).logits[0]
                 sums.append(logits.log_softmax(-1)[torch.arange(len(prompt) - 1, len(prompt) + len(ids) - 1), torch.tensor(ids)].sum())
         # V: the hidden state that predicts the first action token, from the prompt alone.

@@ -140,7 +140,7 @@ def _naive_logp(agent, state: sg.State) -> torch.Tensor:
                 logits = llm(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[start] + ids[:-1]])).logits[0]
             token_logp = logits.log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)]
         else:
-            ids = tok(" " + action, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            ids = tok(" " + action, add_special_tokens=False).input_ids + ([tok.eos_token_id] if agent.action_end == "eos" else [])
             seq = prompt + ids
             with torch.no_grad():
                 logits = llm(input_ids=torch.tensor([seq])).logits[0]
@@ -633,7 +633,7 @@ def test_action_tokens_make_a_random_actor_near_uniform(tiny_dirs, one_thread):
     assert len(states) > 50
     max_entropy = np.mean([math.log(len(s.actions)) for s in states])
     for family in ("llama", "llama_actions"):
-        agent = _agent(tiny_dirs[family], lora_r=0)
+        agent = _agent(tiny_dirs[family], lora_r=0, action_end="eos")  # as benchmarks/learning_curves.py runs it
         if family == "llama_actions":
             assert all(len(agent.action_ids(a)) == 2 for s in states for a in s.actions)  # token + EOS
         with torch.no_grad():
