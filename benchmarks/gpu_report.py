@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 import playground_text as pt  # noqa: E402
 import sac_glam  # noqa: E402
+from scoring_speed import replay_batch  # noqa: E402  (replay-like n-step transitions of random rollouts, 6 objects)
 
 PAPER_ACTING_STEPS, PAPER_UPDATES, PAPER_GPU_HOURS = 12_500, 25_000, 80
 
@@ -61,27 +62,6 @@ def hf_checkpoint(model_id: str, tmp: str) -> str:
     AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kwargs).save_pretrained(out)
     AutoTokenizer.from_pretrained(path, **kwargs).save_pretrained(out)
     return out
-
-
-def replay_batch(batch_size: int, num_envs: int, seed: int) -> list[sac_glam.Transition]:
-    """n-step transitions (n 3, gamma 0.99) of random-policy rollouts of the 6-object env, sampled uniformly."""
-    envs = pt.SyncVecPlaygroundText(num_envs, seed=seed, num_objects=6)
-    rng = np.random.default_rng(seed)
-    nsteps = [sac_glam.NStep(3, 0.99) for _ in range(num_envs)]
-    rb = sac_glam.ReplayBuffer(100_000)
-    obs, infos = envs.reset()
-    while len(rb) < 4 * batch_size:
-        states = [sac_glam.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
-        actions = [int(rng.integers(len(s.actions))) for s in states]
-        next_obs, rewards, terms, truncs, next_infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
-        for i, state in enumerate(states):
-            done = terms[i] or truncs[i]
-            last_obs, last_info = (next_infos[i]["final_observation"], next_infos[i]["final_info"]) if done else (next_obs[i], next_infos[i])
-            next_state = sac_glam.State(state.goal, last_obs, tuple(last_info["possible_actions"]))
-            for t in nsteps[i].push(state, actions[i], float(rewards[i]), next_state, bool(terms[i]), bool(truncs[i])):
-                rb.add(t)
-        obs, infos = next_obs, next_infos
-    return rb.sample(batch_size, rng)
 
 
 def measure(model_id: str, mode: str, opts, device: torch.device, batch: list[sac_glam.Transition]) -> dict:
@@ -170,7 +150,7 @@ def main() -> int:
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     print(f"gpu_report: {name}, torch {torch.__version__}", flush=True)
-    batch = replay_batch(opts.batch_size, opts.num_envs, seed=0)
+    batch = replay_batch(opts.batch_size, seed=0, num_envs=opts.num_envs)
     rows = []
     for model_id in opts.model_id:
         for mode in opts.modes:
