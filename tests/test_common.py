@@ -1,5 +1,6 @@
 """Tests of what the three scripts share (copied on purpose): each test runs against sac_glam.py,
-sac_glam_her.py and ppo_glam.py alike. Model loading in bf16 (fp32 trainable parameters), the gradient
+sac_glam_her.py and ppo_glam.py alike. Model loading in bf16 (fp32 trainable parameters), bf16 autocast on
+the CPU against fp32, the gradient
 all-reduce with a parameter unused on one rank (2 gloo ranks), the stop-signal handling, the
 tokenization check, cache-free forward passes, and a quiet start without --load-in-4bit.
 """
@@ -39,7 +40,7 @@ def make_agent(mod, args, llm, tok):
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_trainable_parameters_are_fp32_when_loading_in_bf16(name, family, lora_r, tiny_dirs, one_thread):
     mod = MODULES[name]
-    args = mod.Args(model_id=tiny_dirs[family], lora_r=lora_r, cuda=False)
+    args = mod.Args(model_id=tiny_dirs[family], lora_r=lora_r, cuda=False, bf16=False)
     llm, tok = mod.load_llm(args, CPU, torch.bfloat16)
     trainable = {n: p.dtype for n, p in llm.named_parameters() if p.requires_grad}
     frozen = {n: p.dtype for n, p in llm.named_parameters() if not p.requires_grad}
@@ -51,6 +52,70 @@ def test_trainable_parameters_are_fp32_when_loading_in_bf16(name, family, lora_r
     agent = make_agent(mod, args, llm, tok)
     heads = agent.value_head if mod is ppo_glam else agent.qf
     assert {p.dtype for p in heads.parameters()} == {torch.float32}
+
+
+# bf16 keeps 8 bits of mantissa: log-probabilities of few-token actions and values of a random head agree with
+# fp32 to a few hundredths (as in tests/test_cuda.py, here on the CPU).
+LOGP_TOL, VALUE_TOL = 0.1, 0.05
+
+
+def bf16_states(n: int = 6):
+    vec = pt.SyncVecPlaygroundText(n, seed=5, num_objects=4)
+    obs, infos = vec.reset()
+    obs, _, _, _, infos = vec.step([info["possible_actions"][0] for info in infos])
+    return [sac_glam.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_cpu_bf16_autocast_matches_fp32_and_trains_fp32_parameters(name, family, tiny_dirs, one_thread):
+    """--bf16 on a CPU (frozen weights bf16, bf16 autocast): log pi and Q / V within bf16's precision of fp32, and a
+    backward pass leaves fp32 gradients, finite and non-zero, on every trainable parameter (LoRA and heads).
+    The autocast is forced on, so that this runs on CPUs without native bf16 too (emulated there)."""
+    mod = MODULES[name]
+    states = [mod.State(*s) for s in bf16_states()]
+    out = {}
+    for bf16 in (False, True):
+        args = mod.Args(model_id=tiny_dirs[family], lora_r=4, cuda=False, bf16=bf16)
+        torch.manual_seed(0)
+        llm, tok = mod.load_llm(args, CPU, torch.bfloat16 if bf16 else torch.float32)
+        nonzero_lora(llm)
+        agent = make_agent(mod, args, llm, tok)
+        agent.autocast = bf16
+        if mod is ppo_glam:
+            logp, value, valid = agent(states)
+            values = value
+        else:
+            logp, q, _, valid = agent(states)
+            values = q[:, valid]
+        out[bf16] = (logp.detach(), values.detach(), valid)
+        assert logp.dtype == torch.float32 and values.dtype == torch.float32  # losses are computed in fp32
+        if bf16:
+            (logp.masked_fill(~valid, 0).exp() * logp.masked_fill(~valid, 0)).sum().add(values.sum()).backward()
+            trainable = [(n, p) for n, p in agent.named_parameters() if p.requires_grad and not n.startswith("qf_target")]
+            assert any("lora_" in n for n, _ in trainable)
+            for n, p in trainable:
+                assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, n
+                assert torch.isfinite(p.grad).all(), n
+            lora_grads = [p.grad.abs().sum().item() for n, p in trainable if "lora_" in n]
+            assert sum(g > 0 for g in lora_grads) > len(lora_grads) // 2  # the gradient reaches the adapters
+    (lp32, v32, valid), (lp16, v16, _) = out[False], out[True]
+    assert (lp32 - lp16)[valid].abs().max() < LOGP_TOL
+    assert (v32 - v16).abs().max() < VALUE_TOL
+    assert (lp32 - lp16)[valid].abs().max() > 0  # bf16 did run
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_bf16_applies_where_the_hardware_has_it(name, monkeypatch):
+    """--bf16 (default) means bf16 on a GPU or on a CPU with avx512_bf16 / AMX, fp32 elsewhere; --no-bf16: fp32."""
+    mod = MODULES[name]
+    on, off = mod.Args(), mod.Args(bf16=False)
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert mod.use_bf16(on, CPU) is expected
+        assert mod.use_bf16(off, CPU) is False
+    assert mod.use_bf16(on, torch.device("cuda")) is True and mod.use_bf16(off, torch.device("cuda")) is False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,8 +211,8 @@ def test_a_tokenizer_that_splits_prompt_and_action_differently_is_refused(name, 
     mod = MODULES[name]
     tok = lone_space_tokenizer()
     assert tok(" Go to red cat", add_special_tokens=False).input_ids[0] == tok.convert_tokens_to_ids("▁")
-    args = mod.Args(model_id=lone_space_model, cuda=False, critic_hidden=32) if mod is not ppo_glam else mod.Args(
-        model_id=lone_space_model, cuda=False, value_hidden=32)
+    args = mod.Args(model_id=lone_space_model, cuda=False, bf16=False, critic_hidden=32) if mod is not ppo_glam else mod.Args(
+        model_id=lone_space_model, cuda=False, bf16=False, value_hidden=32)
     llm, tok = mod.load_llm(args, CPU)
     with pytest.raises(SystemExit) as exit_info:
         make_agent(mod, args, llm, tok)
@@ -155,7 +220,7 @@ def test_a_tokenizer_that_splits_prompt_and_action_differently_is_refused(name, 
     err = capsys.readouterr().err
     assert "error: the tokenizer splits prompt + action differently" in err and "'▁'" in err and "Eq. 1" in err
     for family in ("llama", "llama_actions", "t5"):  # the test models pass the check
-        args = mod.Args(model_id=tiny_dirs[family], cuda=False)
+        args = mod.Args(model_id=tiny_dirs[family], cuda=False, bf16=False)
         make_agent(mod, args, *mod.load_llm(args, CPU))
 
 
@@ -163,7 +228,7 @@ def test_a_tokenizer_that_splits_prompt_and_action_differently_is_refused(name, 
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_forward_passes_keep_no_cache(name, family, tiny_dirs, one_thread):
     mod = MODULES[name]
-    args = mod.Args(model_id=tiny_dirs[family], cuda=False)
+    args = mod.Args(model_id=tiny_dirs[family], cuda=False, bf16=False)
     agent = make_agent(mod, args, *mod.load_llm(args, CPU))
     calls = []
     decoder = agent.parts[1]
@@ -179,7 +244,7 @@ def test_forward_passes_keep_no_cache(name, family, tiny_dirs, one_thread):
 @pytest.mark.parametrize("name", MODULES)
 def test_loading_prints_nothing_alarming_without_4bit(name, tiny_dirs, tmp_path):
     code = (
-        f"import torch, {name} as m; a = m.Args(model_id={tiny_dirs['llama']!r}, cuda=False); "
+        f"import torch, {name} as m; a = m.Args(model_id={tiny_dirs['llama']!r}, cuda=False, bf16=False); "
         "m.load_llm(a, torch.device('cpu')); print('loaded')"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
@@ -195,7 +260,7 @@ def test_loading_prints_nothing_alarming_without_4bit(name, tiny_dirs, tmp_path)
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_layout_from_warm_caches_equals_cold_and_caches_are_bounded(name, family, tiny_dirs, monkeypatch, one_thread):
     mod = MODULES[name]
-    args = mod.Args(model_id=tiny_dirs[family], cuda=False)
+    args = mod.Args(model_id=tiny_dirs[family], cuda=False, bf16=False)
     agent = make_agent(mod, args, *mod.load_llm(args, CPU))
     vec = pt.SyncVecPlaygroundText(6, seed=3, num_objects=4)
     obs, infos = vec.reset()
@@ -245,7 +310,7 @@ def ragged_states(mod) -> list:
 @pytest.mark.parametrize("chat", [False, True])
 def test_scoring_options_match_naive_one_sequence_computation(name, action_end, chat, bpe_model, one_thread):
     mod = MODULES[name]
-    args = mod.Args(model_id=bpe_model, cuda=False, action_end=action_end, chat_template=chat)
+    args = mod.Args(model_id=bpe_model, cuda=False, bf16=False, action_end=action_end, chat_template=chat)
     torch.manual_seed(0)
     llm, tok = mod.load_llm(args, CPU)
     nonzero_lora(llm)
@@ -284,12 +349,12 @@ def test_scoring_options_refuse_what_they_cannot_score(tiny_dirs, bpe_model, cap
         (dict(model_id=tiny_dirs["llama"], action_end="newline"), "no token for the newline"),  # whitespace is dropped
     ]
     for kwargs, needle in cases:
-        args = mod.Args(cuda=False, **kwargs)
+        args = mod.Args(cuda=False, bf16=False, **kwargs)
         with pytest.raises(SystemExit):
             make_agent(mod, args, *mod.load_llm(args, CPU))
         assert needle in capsys.readouterr().err
     # Nothing ends an action: an action whose tokens continue into another's cannot be told apart.
-    args = mod.Args(model_id=tiny_dirs["llama"], cuda=False, action_end="none")
+    args = mod.Args(model_id=tiny_dirs["llama"], cuda=False, bf16=False, action_end="none")
     agent = make_agent(mod, args, *mod.load_llm(args, CPU))
     obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
     agent.policy_logp([mod.State(info["goal"], obs, tuple(info["possible_actions"]))], 8)  # the env's own actions: fine

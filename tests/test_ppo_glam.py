@@ -38,7 +38,7 @@ SMALL = {
 def small(model_dir: str, **overrides) -> list[str]:
     """The script's arguments of a small run; overrides as {"eval_frequency": 32} (underscores for dashes)."""
     opts = dict(SMALL, **{"--" + k.replace("_", "-"): v for k, v in overrides.items()}, **{"--model-id": model_dir})
-    return ["--no-cuda", *(str(x) for kv in opts.items() for x in kv)]
+    return ["--no-cuda", "--no-bf16", *(str(x) for kv in opts.items() for x in kv)]
 
 
 LOSS_TAGS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance", "grad_norm")
@@ -231,7 +231,7 @@ def test_advantage_normalisation_and_explained_variance():
 # 3-4. Scoring and value head against a naive computation; rollout and update passes agree
 # --------------------------------------------------------------------------------------------------
 def _agent(model_dir: str):
-    args = pg.Args(model_id=model_dir, cuda=False, value_hidden=64, lora_r=4)
+    args = pg.Args(model_id=model_dir, cuda=False, bf16=False, value_hidden=64, lora_r=4)
     torch.manual_seed(0)
     llm, tok = pg.load_llm(args, CPU)
     nonzero_lora(llm)

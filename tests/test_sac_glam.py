@@ -31,7 +31,7 @@ INIT_LOG_ALPHA = torch.tensor(math.log(0.005))  # the script's log_alpha at star
 # Small runs: 8 envs, an update (2 gradient updates) every 2 env steps from step 128, 3-object scenes.
 # Updates happen at global steps 128, 144, ..., so a run of T >= 128 steps makes 2 * ((T - 128) // 16 + 1).
 SMALL = [
-    "--no-cuda", "--num-envs", 8, "--update-frequency", 16, "--batch-size", 16, "--critic-hidden", 64,
+    "--no-cuda", "--no-bf16", "--num-envs", 8, "--update-frequency", 16, "--batch-size", 16, "--critic-hidden", 64,
     "--learning-starts", 128, "--num-objects", 3, "--goal-types", "grasp", "grow", "--eval-frequency", 0,
     "--log-frequency", 64, "--critic-warmup-updates", 2, "--checkpoint-frequency", 0, "--checkpoint-dir", "ck",
 ]
@@ -91,7 +91,7 @@ class _MainUnpickler(pickle.Unpickler):
 # 1. Scoring: one prefix-shared pass == naive one-sequence-at-a-time log pi (Eq. 1-2)
 # --------------------------------------------------------------------------------------------------
 def _agent(model_dir: str, max_actions: int = 8, **kw):
-    args = sg.Args(model_id=model_dir, cuda=False, critic_hidden=64, **kw)
+    args = sg.Args(model_id=model_dir, cuda=False, bf16=False, critic_hidden=64, **kw)
     torch.manual_seed(0)
     llm, tok = sg.load_llm(args, CPU)
     nonzero_lora(llm)
@@ -392,7 +392,7 @@ def early_data_torchrun(runner, tiny_dirs):
     still empty (checked by printing both ranks' ended episodes per step): rank 0 would enter the
     update and its gradient all-reduce, rank 1 would not."""
     return runner.start("sac_torchrun_early", [], cmd=torchrun_cmd(
-        SCRIPT, "--no-cuda", "--model-id", tiny_dirs["llama"], "--num-envs", 8, "--update-frequency", 8,
+        SCRIPT, "--no-cuda", "--no-bf16", "--model-id", tiny_dirs["llama"], "--num-envs", 8, "--update-frequency", 8,
         "--batch-size", 8, "--critic-hidden", 64, "--learning-starts", 0, "--num-objects", 3, "--goal-types",
         "grasp", "--total-timesteps", 64, "--log-frequency", 8, "--eval-frequency", 0, "--seed", 1,
         "--checkpoint-dir", "ck", "--exp-name", "torchrun_early"))
@@ -549,7 +549,7 @@ def test_load_in_4bit_on_cpu(runner, tiny_dirs, one_thread):
     import bitsandbytes as bnb
 
     run = runner.start("sac_q4", small(tiny_dirs["llama"], "q4", 160, "--load-in-4bit"))
-    args = sg.Args(model_id=tiny_dirs["llama"], cuda=False, load_in_4bit=True, critic_hidden=64)
+    args = sg.Args(model_id=tiny_dirs["llama"], cuda=False, bf16=False, load_in_4bit=True, critic_hidden=64)
     llm, tok = sg.load_llm(args, CPU)
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in llm.modules())
     assert n4 == 2 * 7, n4  # q k v o gate up down in each of the 2 layers
@@ -589,10 +589,10 @@ def test_bad_input_gives_one_clear_message(runner, tiny_dirs, tmp_path_factory):
         "sac_err_objects": (["--model-id", llama, "--num-objects", 99], ["num_objects=99", "20"], (2,)),
         "sac_err_goals": (["--model-id", llama, "--goal-types", "bogus"], ["bogus", "grasp, grow, grow_then_grasp, grow_then_grow"], (2,)),
     }
-    runs = {k: runner.start(k, ["--no-cuda", "--total-timesteps", 16, *a]) for k, (a, _, _) in cases.items()}
+    runs = {k: runner.start(k, ["--no-cuda", "--no-bf16", "--total-timesteps", 16, *a]) for k, (a, _, _) in cases.items()}
     tr_cwd = tmp_path_factory.mktemp("err_torchrun")
     tr = runner.start("sac_err_torchrun", [], cwd=tr_cwd, cmd=torchrun_cmd(
-        "--log-dir", tr_cwd / "logs", "--redirects", 3, SCRIPT, "--no-cuda", "--model-id", llama, "--num-envs", 3))
+        "--log-dir", tr_cwd / "logs", "--redirects", 3, SCRIPT, "--no-cuda", "--no-bf16", "--model-id", llama, "--num-envs", 3))
     for key, (_, needles, codes) in cases.items():
         run = runs[key].wait()
         assert run.rc in codes, run.describe()

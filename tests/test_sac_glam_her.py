@@ -328,7 +328,7 @@ torch.save(state, os.path.join(out, "rank%s.pt" % os.environ.get("RANK", "0")))
 """
 # The simplified env of Appendix B (3 objects, grasp and grow): hindsight goals at almost every grasp.
 COMMON = [
-    "--no-cuda", "--num-objects", "3", "--goal-types", "grasp", "grow", "--num-envs", "4", "--update-frequency", "4",
+    "--no-cuda", "--no-bf16", "--num-objects", "3", "--goal-types", "grasp", "grow", "--num-envs", "4", "--update-frequency", "4",
     "--learning-starts", "16", "--batch-size", "8", "--buffer-size", "64", "--log-frequency", "16", "--eval-frequency", "0",
     "--critic-warmup-updates", "4", "--critic-hidden", "32", "--lora-r", "4", "--update-chunk-size", "4", "--checkpoint-dir", "ck",
 ]
@@ -360,7 +360,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.fixture(scope="module")
 def runs(runner, tiny_dirs, tmp_path_factory):
     """Under torchrun (2 processes): a run to 96 steps, the same run stopped at 52 steps then resumed to 96.
-    Alone: --her-sampling prior, at most 2 hindsight goals per episode, test goals allowed. The first three
+    Alone: --her-sampling prior, at most 2 hindsight goals per episode, test goals allowed, default --bf16. The first three
     run side by side (their start-up, mostly imports, dominates)."""
 
     def start(key, args, nproc, cwd=None):
@@ -374,7 +374,8 @@ def runs(runner, tiny_dirs, tmp_path_factory):
     ratio = model + COMMON + ["--her-buffer-size", "64"]
     full = start("her_full", ratio + ["--total-timesteps", "96"], 2)
     half = start("her_half", ratio + ["--total-timesteps", "52"], 2)
-    prior = start("her_prior", model + COMMON + ["--her-sampling", "prior", "--her-max-goals", "2", "--her-test-goals",
+    default_precision = [a for a in COMMON if a != "--no-bf16"]  # --bf16 (default): bf16 where this CPU has it
+    prior = start("her_prior", model + default_precision + ["--her-sampling", "prior", "--her-max-goals", "2", "--her-test-goals",
                                                  "--her-buffer-size", "5000", "--total-timesteps", "128"], 1)
     out = {"full": full.check(), "half": half.check(), "prior": prior.check()}
     out["full_states"], out["half_states"], out["half_checkpoint"] = rank_states(full, 2), rank_states(half, 2), half.checkpoint()
@@ -456,6 +457,11 @@ def test_end_to_end_prior_sampling_cap_and_test_goals(runs):
     (mine,) = ranks_of(run.checkpoint())
     goals = {t.state.goal for t in mine["her"].data}
     assert goals & set(pt.all_goals("test")), "with --her-test-goals, held-out goals relabel too"
+    # Default --bf16: bf16 exactly where this CPU computes it natively, the trained parameters fp32 either way.
+    precision = "bf16" if sgh.use_bf16(sgh.Args(), torch.device("cpu")) else "fp32"
+    assert f"(decoder-only, {precision}) on cpu" in run.stdout.splitlines()[0]
+    trainable = rank_states(run, 1)[0]["trainable"]
+    assert trainable and {t.dtype for t in trainable.values()} == {torch.float32}
 
 
 def _cmdline(pid: int) -> str:
