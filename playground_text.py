@@ -121,8 +121,12 @@ def goal_type(goal: str) -> str:
         raise ValueError(
             f"unknown goal {goal!r}: goals are 'Grasp|Grow <color> <name>', 'Grasp|Grow any <color> thing', "
             "'Grasp|Grow any <name>' and '<Grow goal> then <grasp|grow goal>' (see all_goals('train'), "
-            "all_goals('test')); colors: " + ", ".join(COLORS) + "; grasp names: " + ", ".join(_GRASP_NAMES)
-            + "; grow names: " + ", ".join(_GROW_NAMES)
+            "all_goals('test')); colors: "
+            + ", ".join(COLORS)
+            + "; grasp names: "
+            + ", ".join(_GRASP_NAMES)
+            + "; grow names: "
+            + ", ".join(_GROW_NAMES)
         )
     return kind
 

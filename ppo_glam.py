@@ -245,8 +245,8 @@ class Agent(nn.Module):
         self.llm, self.tokenizer, self.device = llm, tokenizer, device
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         self.encoder_decoder = bool(base.config.is_encoder_decoder)
-        # Plain attributes (not submodules): they are parts of self.llm, already registered.
-        self.__dict__["parts"] = (base.get_encoder() if self.encoder_decoder else None, base.get_decoder(), base.get_output_embeddings())
+        # A tuple is a plain attribute, not a submodule: these are parts of self.llm, already registered.
+        self.parts = (base.get_encoder() if self.encoder_decoder else None, base.get_decoder(), base.get_output_embeddings())
         # T5 with tied embeddings rescales the decoder output before its LM head.
         self.head_scale = base.config.d_model**-0.5 if getattr(base.config, "scale_decoder_outputs", False) else 1.0
         hidden = base.get_input_embeddings().embedding_dim
@@ -281,7 +281,9 @@ class Agent(nn.Module):
         prompt = pt.format_prompt(goal, observation)
         if not self.chat_template:
             return prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
 
     def check_tokenization(self):
         """Eq. 1 reads an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
@@ -434,11 +436,16 @@ class Agent(nn.Module):
         feat = np.zeros(n * k_max, dtype=np.int64)
         feat[feat_b * k_max + feat_k] = feat_b * length + P[feat_b] + feat_local
         batch = {
-            "ids": ids, "pos": pos, "end": end, "head_rows": head_rows,
+            "ids": ids,
+            "pos": pos,
+            "end": end,
+            "head_rows": head_rows,
             "tok_rows": tok_head + np.repeat(np.cumsum(H) - H, [len(b.tok_id) for b in blocks]),
             "tok_ids": np.concatenate([b.tok_id for b in blocks]),
-            "tok_slots": tok_b * k_max + np.concatenate([b.tok_k for b in blocks]), "feat_rows": feat,
-            "obs_rows": np.arange(n) * length + np.maximum(P - 1, 0), "valid": np.arange(k_max) < K[:, None],
+            "tok_slots": tok_b * k_max + np.concatenate([b.tok_k for b in blocks]),
+            "feat_rows": feat,
+            "obs_rows": np.arange(n) * length + np.maximum(P - 1, 0),
+            "valid": np.arange(k_max) < K[:, None],
         }
         if self.encoder_decoder:
             enc_len = max(len(p) for p in prompts)
@@ -471,7 +478,10 @@ class Agent(nn.Module):
             if self.encoder_decoder:
                 enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
                 out = decoder(
-                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"],
+                    input_ids=x["ids"],
+                    attention_mask=x["mask"],
+                    encoder_hidden_states=enc,
+                    encoder_attention_mask=x["enc_mask"],
                     use_cache=False,  # one pass scores every action: no key/value cache to keep
                 )
             else:
@@ -494,7 +504,9 @@ class Agent(nn.Module):
         with torch.inference_mode():
             parts = [self(states[i : i + chunk])[:2] for i in range(0, len(states), chunk)]
         k_max = max(p.shape[1] for p, _ in parts)
-        return torch.cat([F.pad(p, (0, k_max - p.shape[1]), value=-math.inf) for p, _ in parts]), torch.cat([v for _, v in parts])
+        return torch.cat([F.pad(p, (0, k_max - p.shape[1]), value=-math.inf) for p, _ in parts]), torch.cat(
+            [v for _, v in parts]
+        )
 
     def policy_logp(self, states: list[State], chunk: int) -> torch.Tensor:
         """Log pi for acting (evaluation)."""
@@ -527,9 +539,19 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, l
 
 
 def ppo_loss(
-    logp: torch.Tensor, valid: torch.Tensor, actions: torch.Tensor, values: torch.Tensor, old_logp: torch.Tensor,
-    advantages: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor, clip_coef: float, ent_coef: float,
-    vf_coef: float, clip_vloss: bool = True, total: int | None = None,
+    logp: torch.Tensor,
+    valid: torch.Tensor,
+    actions: torch.Tensor,
+    values: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    old_values: torch.Tensor,
+    clip_coef: float,
+    ent_coef: float,
+    vf_coef: float,
+    clip_vloss: bool = True,
+    total: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GLAM's PPO loss: clipped surrogate - ent_coef * entropy + vf_coef * value loss.
 
@@ -558,7 +580,9 @@ def ppo_loss(
     loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
     with torch.no_grad():  # statistics stay tensors until logging: an .item() per chunk would wait for the GPU
         stats = {
-            "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy.detach(),
+            "policy_loss": policy_loss.detach(),
+            "value_loss": value_loss.detach(),
+            "entropy": entropy.detach(),
             "approx_kl": ((ratio - 1) - logratio).sum() / total,
             "clipfrac": ((ratio - 1).abs() > clip_coef).float().sum() / total,
             "max_ratio_error": (ratio - 1).abs().max(),
@@ -628,7 +652,9 @@ def explained_variance(values: np.ndarray, returns: np.ndarray, device: torch.de
     return 1 - (srr / count - (sr / count) ** 2) / var_y if var_y > 0 else math.nan
 
 
-def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = False, uniforms: np.ndarray | None = None) -> np.ndarray:
+def sample_actions(
+    logp: torch.Tensor, rng: np.random.Generator, greedy: bool = False, uniforms: np.ndarray | None = None
+) -> np.ndarray:
     """One action index per state from pi (padded slots have probability 0), or its argmax; `uniforms`
     (one in [0, 1) per state) replaces the draws from rng."""
     if greedy:
@@ -675,7 +701,13 @@ def evaluate(
     n_envs = min(args.num_envs // world, per_rank)
     quota = -(-per_rank // n_envs)  # every env plays the same number of episodes: no bias to short ones
     envs = pt.SyncVecPlaygroundText(
-        n_envs, seed=args.seed, first_index=rank * n_envs, stream=1, num_objects=args.num_objects, goal_types=args.goal_types, split=split
+        n_envs,
+        seed=args.seed,
+        first_index=rank * n_envs,
+        stream=1,
+        num_objects=args.num_objects,
+        goal_types=args.goal_types,
+        split=split,
     )
     rng = np.random.default_rng([args.seed, rank, 7])
     obs, infos = envs.reset()
@@ -735,19 +767,38 @@ if __name__ == "__main__":
         total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
         args = replace(saved, total_timesteps=total, resume=args.resume)
         if checkpoint["world_size"] != world:
-            fail(f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)")
+            fail(
+                f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
+            )
 
     batch_size = args.num_envs * args.num_steps  # transitions per rollout over all ranks (Table 1: 2,048)
     for ok, message in [
-        (args.num_envs >= world and args.num_envs % world == 0, f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes"),
+        (
+            args.num_envs >= world and args.num_envs % world == 0,
+            f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes",
+        ),
         (args.lora_r >= 0 and 0 < args.gamma <= 1, "--lora-r must be at least 0 and --gamma in (0, 1]"),
-        (args.log_frequency >= 1 and args.eval_frequency >= 0 and args.checkpoint_frequency >= 0, "--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0"),
-        (args.minibatch_size % world == 0, f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes"),
+        (
+            args.log_frequency >= 1 and args.eval_frequency >= 0 and args.checkpoint_frequency >= 0,
+            "--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0",
+        ),
+        (
+            args.minibatch_size % world == 0,
+            f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes",
+        ),
         (args.num_steps >= 1 and args.update_epochs >= 1, "--num-steps and --update-epochs must be at least 1"),
-        (args.minibatch_size >= 1 and batch_size % args.minibatch_size == 0,
-         f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout (--num-envs x --num-steps)"),
-        (args.minibatch_size >= 2 or not args.norm_adv, "--norm-adv needs --minibatch-size of at least 2 (a standard deviation)"),
-        (args.total_timesteps >= batch_size, f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)"),
+        (
+            args.minibatch_size >= 1 and batch_size % args.minibatch_size == 0,
+            f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout (--num-envs x --num-steps)",
+        ),
+        (
+            args.minibatch_size >= 2 or not args.norm_adv,
+            "--norm-adv needs --minibatch-size of at least 2 (a standard deviation)",
+        ),
+        (
+            args.total_timesteps >= batch_size,
+            f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)",
+        ),
         (args.update_chunk_size >= 1 and args.score_chunk_size >= 1, "chunk sizes must be at least 1"),
         (args.eval_frequency == 0 or args.eval_episodes > 0, "--eval-episodes must be positive when --eval-frequency is on"),
     ]:
@@ -756,7 +807,11 @@ if __name__ == "__main__":
     envs_per_rank = args.num_envs // world
     try:  # the env validates goal types and the number of objects, with the allowed values
         envs = pt.SyncVecPlaygroundText(
-            envs_per_rank, seed=args.seed, first_index=rank * envs_per_rank, num_objects=args.num_objects, goal_types=args.goal_types
+            envs_per_rank,
+            seed=args.seed,
+            first_index=rank * envs_per_rank,
+            num_objects=args.num_objects,
+            goal_types=args.goal_types,
         )
     except ValueError as err:
         fail(str(err))
@@ -796,7 +851,9 @@ if __name__ == "__main__":
             fail(f"the checkpoint does not fit this model ({unexpected[:3]}...)")
         optimizer.load_state_dict(checkpoint["optimizer"])
         mine = pickle.loads(checkpoint["ranks"][rank])
-        envs, obs, infos, episode_lengths, finished = (mine[k] for k in ("envs", "obs", "infos", "episode_lengths", "finished"))
+        envs, obs, infos, episode_lengths, finished = (
+            mine[k] for k in ("envs", "obs", "infos", "episode_lengths", "finished")
+        )
         if "rollout" in mine:  # older checkpoints were written at update boundaries: a fresh storage is right for them
             rollout_states, actions, logprobs, values, rewards, next_values, terminated, dones = mine["rollout"]
         rng.bit_generator.state = checkpoint["rng"]
@@ -809,18 +866,27 @@ if __name__ == "__main__":
     if rank == 0:
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        print(f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}, {'bf16' if agent.autocast else 'fp32'}) on {device} x {world}, "
-              f"{sum(p.numel() for p in params):,} trainable parameters", flush=True)
+        print(
+            f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}, {'bf16' if agent.autocast else 'fp32'}) on {device} x {world}, "
+            f"{sum(p.numel() for p in params):,} trainable parameters",
+            flush=True,
+        )
 
     def save_checkpoint():
         """Everything a resume needs to make the very update an uninterrupted run would have made, the rollout
         collected so far included (a stop may come mid-rollout)."""
         stopper.saving = True  # a signal now must not kill the save
         try:
-            mine = pickle.dumps({
-                "envs": envs, "obs": obs, "infos": infos, "episode_lengths": episode_lengths, "finished": finished,
-                "rollout": (rollout_states, actions, logprobs, values, rewards, next_values, terminated, dones),
-            })
+            mine = pickle.dumps(
+                {
+                    "envs": envs,
+                    "obs": obs,
+                    "infos": infos,
+                    "episode_lengths": episode_lengths,
+                    "finished": finished,
+                    "rollout": (rollout_states, actions, logprobs, values, rewards, next_values, terminated, dones),
+                }
+            )
             ranks = [None] * world if rank == 0 else None
             if dist.is_initialized():
                 dist.gather_object(mine, ranks, dst=0)
@@ -829,12 +895,23 @@ if __name__ == "__main__":
             if rank == 0:
                 path = os.path.join(args.checkpoint_dir, run_name)
                 os.makedirs(path, exist_ok=True)
-                torch.save({
-                    "args": asdict(args), "run_name": run_name, "world_size": world, "global_step": global_step, "updates": updates,
-                    "elapsed": time.time() - start_time, "trainable": trainable_state(agent), "optimizer": optimizer.state_dict(),
-                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),  # rng: the same on every rank
-                    "window": list(window), "ranks": ranks,
-                }, os.path.join(path, "checkpoint.pt.tmp"))
+                torch.save(
+                    {
+                        "args": asdict(args),
+                        "run_name": run_name,
+                        "world_size": world,
+                        "global_step": global_step,
+                        "updates": updates,
+                        "elapsed": time.time() - start_time,
+                        "trainable": trainable_state(agent),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(),  # rng: the same on every rank
+                        "window": list(window),
+                        "ranks": ranks,
+                    },
+                    os.path.join(path, "checkpoint.pt.tmp"),
+                )
                 os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
                 if args.lora_r > 0:
                     agent.llm.save_pretrained(os.path.join(path, "adapter"))
@@ -851,7 +928,9 @@ if __name__ == "__main__":
         step = global_step // args.num_envs % args.num_steps
         states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
         logp, value = agent.score(states, args.score_chunk_size)
-        uniforms = rng.random(args.num_envs)[rank * envs_per_rank : (rank + 1) * envs_per_rank]  # drawn for all envs, on every rank
+        uniforms = rng.random(args.num_envs)[
+            rank * envs_per_rank : (rank + 1) * envs_per_rank
+        ]  # drawn for all envs, on every rank
         action = sample_actions(logp, rng, uniforms=uniforms)
         next_obs, reward, terminations, truncations, next_infos = envs.step([s.actions[a] for s, a in zip(states, action)])
         global_step += args.num_envs
@@ -865,8 +944,12 @@ if __name__ == "__main__":
             next_values[step - 1, live] = values[step, live]
         cut = np.flatnonzero(truncations)
         if len(cut):  # a truncated episode bootstraps from its true last observation (before the auto-reset), scored now
-            last = [State(states[i].goal, next_infos[i]["final_observation"], tuple(next_infos[i]["final_info"]["possible_actions"]))
-                    for i in cut]
+            last = [
+                State(
+                    states[i].goal, next_infos[i]["final_observation"], tuple(next_infos[i]["final_info"]["possible_actions"])
+                )
+                for i in cut
+            ]
             next_values[step, cut] = agent.score(last, args.score_chunk_size)[1].cpu().numpy()
         for i in np.flatnonzero(dones[step]):
             finished.append((bool(terminations[i]), int(episode_lengths[i]), pt.goal_type(states[i].goal)))
@@ -902,8 +985,18 @@ if __name__ == "__main__":
                         idx = local[c : c + args.update_chunk_size]
                         new_logp, new_values, valid = agent([b_states[k] for k in idx])
                         loss, chunk_stats = ppo_loss(
-                            new_logp, valid, b_actions[idx], new_values, b_logprobs[idx], adv[c : c + args.update_chunk_size],
-                            b_returns[idx], b_values[idx], args.clip_coef, args.ent_coef, args.vf_coef, args.clip_vloss,
+                            new_logp,
+                            valid,
+                            b_actions[idx],
+                            new_values,
+                            b_logprobs[idx],
+                            adv[c : c + args.update_chunk_size],
+                            b_returns[idx],
+                            b_values[idx],
+                            args.clip_coef,
+                            args.ent_coef,
+                            args.vf_coef,
+                            args.clip_vloss,
                             total=args.minibatch_size,
                         )
                         loss.backward()
@@ -911,12 +1004,16 @@ if __name__ == "__main__":
                         for k, v in chunk_stats.items():
                             mb_stats[k] += v
                     all_reduce_gradients(params, average=False)  # each rank's loss is its share of the global sums
-                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # global: every rank holds the summed gradient
+                    grad_norm = nn.utils.clip_grad_norm_(
+                        params, args.max_grad_norm
+                    )  # global: every rank holds the summed gradient
                     optimizer.step()
                     if minibatches == 0:  # before any step, pi = pi_old: the ratio must be 1 (rollout and update agree)
                         ratio_error = max(gather(float(mb_stats["max_ratio_error"])))
                     keys = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
-                    mb_stats = dict(zip(keys, global_sums([mb_stats[k] for k in keys], device)))  # the global minibatch's means
+                    mb_stats = dict(
+                        zip(keys, global_sums([mb_stats[k] for k in keys], device))
+                    )  # the global minibatch's means
                     mb_stats["grad_norm"] = grad_norm.item()  # before clipping
                     for k, v in mb_stats.items():
                         sums[k] += v
@@ -950,16 +1047,22 @@ if __name__ == "__main__":
                         of_kind = [s for s, _, g in window if g == kind]
                         if of_kind:
                             writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
-                print(f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
-                      f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
-                      f"policy_loss {stats.get('policy_loss', float('nan')):.4f} | "
-                      f"value_loss {stats.get('value_loss', float('nan')):.4f}", flush=True)
+                print(
+                    f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
+                    f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
+                    f"policy_loss {stats.get('policy_loss', float('nan')):.4f} | "
+                    f"value_loss {stats.get('value_loss', float('nan')):.4f}",
+                    flush=True,
+                )
 
         # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation). A stop
         # request skips or interrupts it: the checkpoint comes first.
         if args.eval_frequency and global_step % args.eval_frequency < args.num_envs:
             if rank == 0 and not stopper.requested:
-                print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled", flush=True)
+                print(
+                    f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled",
+                    flush=True,
+                )
             for split in ("train", "test"):
                 for mode in ("greedy", "sampled"):
                     if any_rank(stopper.requested, device):
@@ -967,8 +1070,12 @@ if __name__ == "__main__":
                     results = gather(evaluate(agent, args, split, mode == "greedy", rank, world, stopper))
                     episodes = [e for r in results if r is not None for e in r]
                     if rank == 0 and None not in results:
-                        writer.add_scalar(f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step)
-                        writer.add_scalar(f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step)
+                        writer.add_scalar(
+                            f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step
+                        )
+                        writer.add_scalar(
+                            f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step
+                        )
 
         # Checkpoint: every checkpoint_frequency updates, and right after this env step when any rank got
         # SIGINT/SIGTERM (mid-rollout too: the rollout collected so far is part of the checkpoint).

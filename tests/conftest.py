@@ -78,7 +78,8 @@ class Run:
             except subprocess.TimeoutExpired:
                 self.kill()
                 self.rc = "timeout"
-            self._out.close(), self._err.close()
+            self._out.close()
+            self._err.close()
             self.seconds = time.time() - self.start_time
         return self
 
@@ -173,9 +174,19 @@ def save_tiny_t5_tied(path) -> str:
 
     tok = tiny_models.make_env_tokenizer(append_eos=True)
     config = T5Config(
-        vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-        feed_forward_proj="relu", dropout_rate=0.0, initializer_factor=0.05, pad_token_id=tok.pad_token_id,
-        decoder_start_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="relu",
+        dropout_rate=0.0,
+        initializer_factor=0.05,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     assert config.scale_decoder_outputs
     torch.manual_seed(0)

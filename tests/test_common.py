@@ -143,7 +143,16 @@ dist.destroy_process_group()
 @pytest.mark.parametrize("mode", ["average", "sum"])
 def test_gradient_all_reduce_with_a_parameter_unused_on_one_rank(name, mode, tmp_path):
     (tmp_path / "reduce.py").write_text(ALL_REDUCE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "reduce.py"), name, mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(tmp_path / "reduce.py"),
+        name,
+        mode,
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -196,7 +205,9 @@ def lone_space_tokenizer():
         obs, info = env.reset()
         texts.append(pt.format_prompt(info["goal"], obs) + " " + " ".join(info["possible_actions"] + ["Grasp", "Release"]))
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>", "<s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +218,17 @@ def lone_space_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_a_tokenizer_that_splits_prompt_and_action_differently_is_refused(name, lone_space_model, tiny_dirs, capsys, one_thread):
+def test_a_tokenizer_that_splits_prompt_and_action_differently_is_refused(
+    name, lone_space_model, tiny_dirs, capsys, one_thread
+):
     mod = MODULES[name]
     tok = lone_space_tokenizer()
     assert tok(" Go to red cat", add_special_tokens=False).input_ids[0] == tok.convert_tokens_to_ids("▁")
-    args = mod.Args(model_id=lone_space_model, cuda=False, bf16=False, critic_hidden=32) if mod is not ppo_glam else mod.Args(
-        model_id=lone_space_model, cuda=False, bf16=False, value_hidden=32)
+    args = (
+        mod.Args(model_id=lone_space_model, cuda=False, bf16=False, critic_hidden=32)
+        if mod is not ppo_glam
+        else mod.Args(model_id=lone_space_model, cuda=False, bf16=False, value_hidden=32)
+    )
     llm, tok = mod.load_llm(args, CPU)
     with pytest.raises(SystemExit) as exit_info:
         make_agent(mod, args, llm, tok)
@@ -232,7 +248,9 @@ def test_forward_passes_keep_no_cache(name, family, tiny_dirs, one_thread):
     agent = make_agent(mod, args, *mod.load_llm(args, CPU))
     calls = []
     decoder = agent.parts[1]
-    handle = decoder.register_forward_hook(lambda m, a, kw, out: calls.append((kw.get("use_cache"), out.past_key_values)), with_kwargs=True)
+    handle = decoder.register_forward_hook(
+        lambda m, a, kw, out: calls.append((kw.get("use_cache"), out.past_key_values)), with_kwargs=True
+    )
     try:
         obs, info = pt.PlaygroundText(num_objects=3, seed=1).reset()
         agent.policy_logp([mod.State(info["goal"], obs, tuple(info["possible_actions"]))], 8)
@@ -247,7 +265,9 @@ def test_loading_prints_nothing_alarming_without_4bit(name, tiny_dirs, tmp_path)
         f"import torch, {name} as m; a = m.Args(model_id={tiny_dirs['llama']!r}, cuda=False, bf16=False); "
         "m.load_llm(a, torch.device('cpu')); print('loaded')"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip() == "loaded", out.stderr
     for alarming in ("kernels", "Failed", "Error", "error", "Warning"):
         assert alarming not in out.stderr, out.stderr
@@ -316,7 +336,9 @@ def test_scoring_options_match_naive_one_sequence_computation(name, action_end, 
     nonzero_lora(llm)
     agent = make_agent(mod, args, llm, tok)
     last = tok.convert_ids_to_tokens(agent.action_ids("Grasp"))[-1]  # what ends an action
-    assert last == {"eos": "<|im_end|>", "newline": "Ċ"}[action_end] if action_end != "none" else last not in ("<|im_end|>", "Ċ")
+    assert (
+        last == {"eos": "<|im_end|>", "newline": "Ċ"}[action_end] if action_end != "none" else last not in ("<|im_end|>", "Ċ")
+    )
     states = ragged_states(mod)
     with torch.no_grad():
         logp = agent.policy_logp(states, 5)
@@ -325,16 +347,22 @@ def test_scoring_options_match_naive_one_sequence_computation(name, action_end, 
         # Naive: the whole text (prompt, action, terminator) tokenized as one string, one sequence per action.
         prompt_text = pt.format_prompt(s.goal, s.observation)
         if chat:
-            prompt_text = tok.apply_chat_template([{"role": "user", "content": prompt_text}], tokenize=False, add_generation_prompt=True)
+            prompt_text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt_text}], tokenize=False, add_generation_prompt=True
+            )
         prompt = tok(prompt_text, add_special_tokens=not chat).input_ids
         sums = []
         for action in s.actions:
             text = (action if chat else " " + action) + ("\n" if action_end == "newline" else "")
-            seq = tok(prompt_text + text, add_special_tokens=not chat).input_ids + ([tok.eos_token_id] if action_end == "eos" else [])
+            seq = tok(prompt_text + text, add_special_tokens=not chat).input_ids + (
+                [tok.eos_token_id] if action_end == "eos" else []
+            )
             assert seq[: len(prompt)] == prompt
             with torch.no_grad():
                 logits = llm(input_ids=torch.tensor([seq])).logits[0]
-            sums.append(logits.log_softmax(-1)[torch.arange(len(prompt) - 1, len(seq) - 1), torch.tensor(seq[len(prompt) :])].sum())
+            sums.append(
+                logits.log_softmax(-1)[torch.arange(len(prompt) - 1, len(seq) - 1), torch.tensor(seq[len(prompt) :])].sum()
+            )
         naive = torch.stack(sums).log_softmax(-1)
         k = len(s.actions)
         assert (logp[b, :k] - naive).abs().max().item() < 1e-5, (b, action_end, chat)

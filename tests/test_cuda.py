@@ -27,9 +27,31 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 LOGP_TOL, Q_TOL = 0.1, 0.05
 
 SMALL = [
-    "--num-envs", 8, "--update-frequency", 16, "--batch-size", 16, "--critic-hidden", 64, "--learning-starts", 64,
-    "--num-objects", 3, "--goal-types", "grasp", "grow", "--eval-frequency", 0, "--log-frequency", 64,
-    "--critic-warmup-updates", 2, "--checkpoint-frequency", 0, "--checkpoint-dir", "ck",
+    "--num-envs",
+    8,
+    "--update-frequency",
+    16,
+    "--batch-size",
+    16,
+    "--critic-hidden",
+    64,
+    "--learning-starts",
+    64,
+    "--num-objects",
+    3,
+    "--goal-types",
+    "grasp",
+    "grow",
+    "--eval-frequency",
+    0,
+    "--log-frequency",
+    64,
+    "--critic-warmup-updates",
+    2,
+    "--checkpoint-frequency",
+    0,
+    "--checkpoint-dir",
+    "ck",
 ]
 
 
@@ -62,7 +84,9 @@ def test_bf16_log_pi_and_q_match_fp32(family, tiny_dirs):
 
 @needs_cuda
 def test_4bit_nf4_load_and_updates_on_cuda(runner, tiny_dirs):
-    run = runner.start("cuda_q4", [*SMALL, "--model-id", tiny_dirs["llama"], "--total-timesteps", 128, "--load-in-4bit"]).check()
+    run = runner.start(
+        "cuda_q4", [*SMALL, "--model-id", tiny_dirs["llama"], "--total-timesteps", 128, "--load-in-4bit"]
+    ).check()
     ck = run.checkpoint()
     assert ck["args"]["load_in_4bit"] and ck["updates"] > 0
     assert all(torch.isfinite(t).all() for t in ck["trainable"].values())
@@ -81,8 +105,22 @@ torch.save({"trainable": g["trainable_state"](g["agent"]), "device": str(g["devi
 def test_two_rank_nccl_run_keeps_ranks_identical(runner, tiny_dirs, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("nccl")
     (cwd / "wrapper.py").write_text(WRAPPER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(cwd / "wrapper.py"),
-           str(SCRIPT), str(cwd), *map(str, SMALL), "--model-id", tiny_dirs["llama"], "--total-timesteps", "128"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(cwd / "wrapper.py"),
+        str(SCRIPT),
+        str(cwd),
+        *map(str, SMALL),
+        "--model-id",
+        tiny_dirs["llama"],
+        "--total-timesteps",
+        "128",
+    ]
     runner.start("cuda_nccl", [], cwd=cwd, cmd=cmd).check()
     r0, r1 = (torch.load(cwd / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert (r0["device"], r1["device"]) == ("cuda:0", "cuda:1")
@@ -107,17 +145,37 @@ def test_resume_on_cuda_matches_the_uninterrupted_run_to_a_tolerance(runner, tin
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_gpu_report_refuses_without_cuda(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py")], cwd=tmp_path, env=script_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_report.py")],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr == ""
     assert out.stdout.count("\n") == 1 and "no CUDA device" in out.stdout
     assert not (tmp_path / "gpu_report.md").exists()
 
 
 def test_gpu_report_dry_run_writes_its_table(tiny_dirs, tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--cpu-dry-run", "--model-id",
-                          tiny_dirs["llama"], tiny_dirs["t5"], "--modes", "bf16"], cwd=tmp_path, env=script_env(),
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_report.py"),
+            "--cpu-dry-run",
+            "--model-id",
+            tiny_dirs["llama"],
+            tiny_dirs["t5"],
+            "--modes",
+            "bf16",
+        ],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     table = (tmp_path / "gpu_report.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| /", "| tiny"))]

@@ -43,9 +43,11 @@ GROW_NAMES = PLANTS + ANIMALS + ("animal", "plant", "living_thing")
 
 
 def _simple(verb, names):
-    return [f"{verb} {c} {n}" for c in COLORS for n in names] + [f"{verb} any {c} thing" for c in COLORS] + [
-        f"{verb} any {n}" for n in names
-    ]
+    return (
+        [f"{verb} {c} {n}" for c in COLORS for n in names]
+        + [f"{verb} any {c} thing" for c in COLORS]
+        + [f"{verb} any {n}" for n in names]
+    )
 
 
 SIMPLE_GRASP = _simple("Grasp", GRASP_NAMES)
@@ -135,8 +137,7 @@ def test_format_prompt_and_initial_observation():
     env = pt.PlaygroundText()
     obs, info = env.reset(goal="Grasp red door", objects=["red door", "blue water", "green mouse"])
     assert obs == (
-        "You see: red door, blue water, green mouse\nYou are on: nothing\nYou are holding: nothing\n"
-        "You have grown: nothing"
+        "You see: red door, blue water, green mouse\nYou are on: nothing\nYou are holding: nothing\nYou have grown: nothing"
     )
     assert info == {
         "goal": "Grasp red door",
@@ -495,8 +496,13 @@ def test_social_partner_scripted_episode():
         ("Go to green food", set()),
         ("Release", set()),  # a grown mouse on food does not grow again
         ("Go to red door", set()),
-        ("Grasp", _then(GREEN_MOUSE_GROWN + RED_ROSE_GROWN, ["Grasp red door", "Grasp red furniture", "Grasp any door",
-                                                              "Grasp any furniture", "Grasp any red thing"])),
+        (
+            "Grasp",
+            _then(
+                GREEN_MOUSE_GROWN + RED_ROSE_GROWN,
+                ["Grasp red door", "Grasp red furniture", "Grasp any door", "Grasp any furniture", "Grasp any red thing"],
+            ),
+        ),
     ]
     assert len(_then(GREEN_MOUSE_GROWN, BLUE_WATER_GRASPED)) == 35
     assert len(_then(GREEN_MOUSE_GROWN, RED_ROSE_GROWN)) == 48
@@ -755,7 +761,10 @@ def test_seeding_determinism_single_env():
     a, b, c = trace(3), trace(3), trace(4)
     assert a == b
     assert a != c
-    goals = lambda tr: [x[0] for x in tr if len(x) == 2]  # noqa: E731
+
+    def goals(tr):
+        return [x[0] for x in tr if len(x) == 2]
+
     assert goals(a) != goals(c) and len(goals(a)) == 40
     # reset(seed=...) reseeds an env that has been used.
     env = pt.PlaygroundText(seed=11)
@@ -942,7 +951,9 @@ def test_vector_env_scripted_final_observation():
     obs, rewards, term, trunc, infos = vec.step(["Grasp", f"Go to {targets[1]}"])
     assert rewards.tolist() == [1.0, 0.0] and term.tolist() == [True, False] and trunc.tolist() == [False, False]
     assert infos[0]["final_observation"] == obs_text([], holding=targets[0])
-    assert infos[0]["final_info"]["achieved_goals"] and infos[0]["final_info"]["goal"] in infos[0]["final_info"]["achieved_goals"]
+    assert (
+        infos[0]["final_info"]["achieved_goals"] and infos[0]["final_info"]["goal"] in infos[0]["final_info"]["achieved_goals"]
+    )
     assert parse(obs[0])["holding"] is None and parse(obs[0])["on"] is None
     single = pt.PlaygroundText(num_objects=1, goal_types="grasp", seed=pt.env_seed(0, 0))
     single.reset()

@@ -29,9 +29,19 @@ CPU = torch.device("cpu")
 # per update; 96 steps = 3 updates. Grasp goals in 3-object scenes: episodes of at most 6 steps, so
 # every rollout holds terminations and truncations.
 SMALL = {
-    "--num-envs": 4, "--num-steps": 8, "--minibatch-size": 8, "--update-epochs": 2, "--value-hidden": 64, "--lora-r": 4,
-    "--num-objects": 3, "--goal-types": "grasp", "--log-frequency": 32, "--eval-frequency": 0, "--checkpoint-frequency": 0,
-    "--checkpoint-dir": "ck", "--total-timesteps": 96,
+    "--num-envs": 4,
+    "--num-steps": 8,
+    "--minibatch-size": 8,
+    "--update-epochs": 2,
+    "--value-hidden": 64,
+    "--lora-r": 4,
+    "--num-objects": 3,
+    "--goal-types": "grasp",
+    "--log-frequency": 32,
+    "--eval-frequency": 0,
+    "--checkpoint-frequency": 0,
+    "--checkpoint-dir": "ck",
+    "--total-timesteps": 96,
 }
 
 
@@ -48,7 +58,7 @@ LOSS_TAGS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "e
 # episode's true last state is recorded, and after the run (give it --learning-rate 0, so that the
 # weights that scored the rollout are the final ones) the rollout storage is saved with the values of
 # those last states and of the observations after the rollout, recomputed.
-WRAPPER = '''
+WRAPPER = """
 import os, runpy, signal, sys, torch
 script, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.argv = [script] + sys.argv[4:]
@@ -76,7 +86,7 @@ if mode == "record":
     saved["after_values"] = agent.score(after, 64)[1].numpy()
     saved.update({k: g[k].copy() for k in ("values", "next_values", "terminated", "dones")})
 torch.save(saved, os.path.join(out, "rank%d.pt" % rank))
-'''
+"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,14 +155,25 @@ def _loss_inputs():
     taken = probs[torch.arange(6), actions]
     old_logp = (taken / torch.tensor(RATIOS, dtype=torch.float64)).log().float()
     values = torch.tensor(VALUES, requires_grad=True)
-    f = lambda xs: torch.tensor(xs)  # noqa: E731
-    return logp, valid, actions, values, old_logp, f(ADV), f(RETURNS), f(OLD_VALUES)
+    return logp, valid, actions, values, old_logp, torch.tensor(ADV), torch.tensor(RETURNS), torch.tensor(OLD_VALUES)
 
 
 def test_ppo_loss_hand_computed():
     logp, valid, actions, values, old_logp, adv, returns, old_values = _loss_inputs()
-    loss, stats = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
-                              clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, clip_vloss=False)
+    loss, stats = pg.ppo_loss(
+        logp,
+        valid,
+        actions,
+        values,
+        old_logp,
+        adv,
+        returns,
+        old_values,
+        clip_coef=0.2,
+        ent_coef=0.01,
+        vf_coef=0.5,
+        clip_vloss=False,
+    )
     # max(-A r, -A clip(r, 0.8, 1.2)) per sample:
     #   A=+1 r=1.5: max(-1.5, -1.2) = -1.2   A=-1 r=1.5: max(1.5, 1.2) = 1.5   A=+1 r=1.1: -1.1
     #   A=+2 r=0.5: max(-1.0, -1.6) = -1.0   A=-2 r=0.5: max(1.0, 1.6) = 1.6   A=-1 r=0.9: 0.9
@@ -181,8 +202,9 @@ def test_ppo_loss_hand_computed():
 
 def test_ppo_loss_policy_gradient_is_zero_where_clipped():
     logp, valid, actions, values, old_logp, adv, returns, old_values = _loss_inputs()
-    loss, _ = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
-                          clip_coef=0.2, ent_coef=0.0, vf_coef=0.0)
+    loss, _ = pg.ppo_loss(
+        logp, valid, actions, values, old_logp, adv, returns, old_values, clip_coef=0.2, ent_coef=0.0, vf_coef=0.0
+    )
     loss.backward()
     # d/d log pi(a|s) of max(-A r, -A clip(r)) = -A r where the unclipped term is the max, else 0.
     expected = [0.0, 1.5 / 6, -1.1 / 6, -1.0 / 6, 0.0, 0.9 / 6]
@@ -195,8 +217,9 @@ def test_ppo_loss_policy_gradient_is_zero_where_clipped():
 
 def test_ppo_loss_clipped_value_as_glam_and_global_denominator():
     logp, valid, actions, values, old_logp, adv, returns, old_values = _loss_inputs()
-    loss, stats = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
-                              clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)  # GLAM's default: value clipped, no 1/2
+    loss, stats = pg.ppo_loss(
+        logp, valid, actions, values, old_logp, adv, returns, old_values, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5
+    )  # GLAM's default: value clipped, no 1/2
     # V_clip = V_old + clip(V - V_old, -0.2, 0.2); max((V - R)^2, (V_clip - R)^2):
     #   s0: V_clip 0.2, (0.2-2)^2 = 3.24 > 1     s1: 0     s2: V_clip 0, 1 = 1     s3: 0
     #   s4: 0.25                                  s5: V_clip 3.8, (3.8-1)^2 = 7.84 > 4
@@ -206,10 +229,12 @@ def test_ppo_loss_clipped_value_as_glam_and_global_denominator():
     assert values.grad[[0, 3, 5]].tolist() == [0.0, 0.0, 0.0]
     assert pg.Args().clip_vloss and pg.Args().adam_eps == 1e-5
     # total = 12 (this batch is half of a global minibatch): every term is its sum / 12.
-    _, half = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
-                          clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, total=12)
-    _, full = pg.ppo_loss(logp, valid, actions, values, old_logp, adv, returns, old_values,
-                          clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+    _, half = pg.ppo_loss(
+        logp, valid, actions, values, old_logp, adv, returns, old_values, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, total=12
+    )
+    _, full = pg.ppo_loss(
+        logp, valid, actions, values, old_logp, adv, returns, old_values, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5
+    )
     for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac"):
         assert float(half[k]) == pytest.approx(float(full[k]) / 2, abs=1e-7), k
 
@@ -242,7 +267,9 @@ def _states() -> list[pg.State]:
     """Ragged states: 7 actions, 7 go-to + Grasp, 6 go-to + Release, 2 actions, a single action."""
     env = pt.PlaygroundText()
     goal = pt.all_goals("train", "grow_then_grasp")[3]
-    obs, info = env.reset(goal=goal, objects=["red cat", "blue water", "green desk", "red food", "blue tree", "green lion", "red sofa"])
+    obs, info = env.reset(
+        goal=goal, objects=["red cat", "blue water", "green desk", "red food", "blue tree", "green lion", "red sofa"]
+    )
     out = [pg.State(goal, obs, tuple(info["possible_actions"]))]
     obs, _, _, _, info = env.step("Go to blue water")
     out.append(pg.State(goal, obs, tuple(info["possible_actions"])))
@@ -266,12 +293,18 @@ def _naive(agent, state: pg.State) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             if agent.encoder_decoder:
                 ids = tok(action, add_special_tokens=True).input_ids  # ends with </s>
                 start = base.config.decoder_start_token_id
-                logits = agent.llm(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[start] + ids[:-1]])).logits[0]
+                logits = agent.llm(
+                    input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[start] + ids[:-1]])
+                ).logits[0]
                 sums.append(logits.log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)].sum())
             else:
-                ids = tok(" " + action, add_special_tokens=False).input_ids + ([tok.eos_token_id] if agent.action_end == "eos" else [])
+                ids = tok(" " + action, add_special_tokens=False).input_ids + (
+                    [tok.eos_token_id] if agent.action_end == "eos" else []
+                )
                 logits = agent.llm(input_ids=torch.tensor([prompt + ids])).logits[0]
-                sums.append(logits.log_softmax(-1)[torch.arange(len(prompt) - 1, len(prompt) + len(ids) - 1), torch.tensor(ids)].sum())
+                sums.append(
+                    logits.log_softmax(-1)[torch.arange(len(prompt) - 1, len(prompt) + len(ids) - 1), torch.tensor(ids)].sum()
+                )
         # V: the hidden state that predicts the first action token, from the prompt alone.
         if agent.encoder_decoder:
             enc = base.get_encoder()(input_ids=torch.tensor([prompt])).last_hidden_state
@@ -343,9 +376,23 @@ def test_update_pass_reproduces_rollout_logprobs(family, tiny_dirs, one_thread):
         obs, _, _, _, infos = envs.step([s.actions[i] for s, i in zip(step_states, a)])
     order = rng.permutation(len(states))[:10]
     new_logp, new_values, valid = agent([states[i] for i in order])
-    t = lambda xs: torch.tensor([xs[i] for i in order])  # noqa: E731
-    loss, stats = pg.ppo_loss(new_logp, valid, t(actions), new_values, t(old_logp), torch.ones(10), t(old_values),
-                              t(old_values), clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+
+    def t(xs):
+        return torch.tensor([xs[i] for i in order])
+
+    loss, stats = pg.ppo_loss(
+        new_logp,
+        valid,
+        t(actions),
+        new_values,
+        t(old_logp),
+        torch.ones(10),
+        t(old_values),
+        t(old_values),
+        clip_coef=0.2,
+        ent_coef=0.01,
+        vf_coef=0.5,
+    )
     assert stats["max_ratio_error"] < 1e-6 and abs(stats["approx_kl"]) < 1e-9 and stats["clipfrac"] == 0
     assert stats["value_loss"] < 1e-10  # returns = old values: the value is reproduced too
     loss.backward()
@@ -367,17 +414,31 @@ def ppo_runs(runner, tiny_dirs, tmp_path_factory):
     for key in ("one", "two", "sig", "wiring"):
         cwds[key] = tmp_path_factory.mktemp(f"ppo_{key}")
         (cwds[key] / "wrapper.py").write_text(WRAPPER)
-    wrap = lambda key, mode="-": [str(cwds[key] / "wrapper.py"), str(SCRIPT), str(cwds[key]), mode]  # noqa: E731
+
+    def wrap(key, mode="-"):
+        return [str(cwds[key] / "wrapper.py"), str(SCRIPT), str(cwds[key]), mode]
+
     # One process, with evaluation and a checkpoint every 2 updates: the end-to-end run and the reference.
-    runs["one"] = runner.start("ppo_one", [], cwd=cwds["one"], cmd=[
-        sys.executable, *wrap("one"), *small(llama, eval_frequency=32, eval_episodes=2, checkpoint_frequency=2)])
+    runs["one"] = runner.start(
+        "ppo_one",
+        [],
+        cwd=cwds["one"],
+        cmd=[sys.executable, *wrap("one"), *small(llama, eval_frequency=32, eval_episodes=2, checkpoint_frequency=2)],
+    )
     runs["two"] = runner.start("ppo_two", [], cwd=cwds["two"], cmd=torchrun_cmd(*wrap("two"), *small(llama)))
     # Rank 1 gets SIGTERM in its 3rd env step: both ranks stop right after it, mid-rollout, and checkpoint.
     runs["sig"] = runner.start("ppo_sig", [], cwd=cwds["sig"], cmd=torchrun_cmd(*wrap("sig", "kill:1:3"), *small(llama)))
-    runs["wiring"] = runner.start("ppo_wiring", [], cwd=cwds["wiring"], cmd=[
-        sys.executable, *wrap("wiring", "record"), *small(llama, total_timesteps=32, learning_rate=0)])
-    runs["t5"] = runner.start("ppo_t5", [], cmd=[
-        sys.executable, str(SCRIPT), *small(tiny_dirs["t5"], total_timesteps=64, eval_frequency=64, eval_episodes=2)])
+    runs["wiring"] = runner.start(
+        "ppo_wiring",
+        [],
+        cwd=cwds["wiring"],
+        cmd=[sys.executable, *wrap("wiring", "record"), *small(llama, total_timesteps=32, learning_rate=0)],
+    )
+    runs["t5"] = runner.start(
+        "ppo_t5",
+        [],
+        cmd=[sys.executable, str(SCRIPT), *small(tiny_dirs["t5"], total_timesteps=64, eval_frequency=64, eval_episodes=2)],
+    )
     runs["err"] = runner.start("ppo_err", [], cmd=[sys.executable, str(SCRIPT), *small(llama, minibatch_size=12)])
     runs["cwd"] = cwds
     return runs
@@ -402,9 +463,18 @@ def test_end_to_end_logs_every_tag_and_ratio_is_one(ppo_runs):
     assert re.findall(r"checkpoint: .* \(step (\d+), update (\d+)\)", run.stdout) == [("64", "2"), ("96", "3")], run.stdout
     tags = _scalars(run.run_dir())
     required = [
-        "charts/success_rate", "charts/success_rate_grasp", "charts/episodic_length", "charts/SPS", "charts/success_rate_vs_seconds",
+        "charts/success_rate",
+        "charts/success_rate_grasp",
+        "charts/episodic_length",
+        "charts/SPS",
+        "charts/success_rate_vs_seconds",
         *(f"losses/{k}" for k in LOSS_TAGS),
-        *(f"eval/{m}_{s}_{g}" for m in ("success_rate", "episodic_length") for s in ("train", "test") for g in ("greedy", "sampled")),
+        *(
+            f"eval/{m}_{s}_{g}"
+            for m in ("success_rate", "episodic_length")
+            for s in ("train", "test")
+            for g in ("greedy", "sampled")
+        ),
     ]
     missing = [t for t in required if t not in tags]
     assert not missing, f"missing tags {missing}; have {sorted(tags)}"
@@ -465,8 +535,9 @@ def test_sigterm_checkpoints_mid_rollout_and_resume_is_exact(ppo_runs, runner):
     assert (ck["global_step"], ck["updates"], ck["world_size"]) == (12, 0, 2)
     assert len(ck["ranks"]) == 2  # both ranks' envs, observations and the rollout collected so far
     cwd = ppo_runs["cwd"]["sig"]
-    resumed = runner.start("ppo_sig_resume", [], cwd=cwd, cmd=torchrun_cmd(
-        cwd / "wrapper.py", SCRIPT, cwd, "-", "--resume", sig.checkpoint_dir())).check()
+    resumed = runner.start(
+        "ppo_sig_resume", [], cwd=cwd, cmd=torchrun_cmd(cwd / "wrapper.py", SCRIPT, cwd, "-", "--resume", sig.checkpoint_dir())
+    ).check()
     final = resumed.checkpoint()
     reference = ppo_runs["two"].check().checkpoint()
     assert (final["global_step"], final["updates"]) == (reference["global_step"], reference["updates"]) == (96, 3)

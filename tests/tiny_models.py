@@ -41,9 +41,26 @@ except ImportError:  # tests/ run without the repository root on sys.path
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>", "<s>")  # ids 0, 1, 2, 3
 # Every word of format_prompt(goal, observation) and of the actions, besides colors, types and categories.
 _TEMPLATE_WORDS = (
-    "Goal", "You", "see", "are", "on", "holding", "have", "grown", "Action", "nothing",  # prompt
-    "Go", "to", "Grasp", "Release",  # actions
-    "Grow", "grasp", "grow", "then", "any", "thing",  # goal grammar
+    "Goal",
+    "You",
+    "see",
+    "are",
+    "on",
+    "holding",
+    "have",
+    "grown",
+    "Action",
+    "nothing",  # prompt
+    "Go",
+    "to",
+    "Grasp",
+    "Release",  # actions
+    "Grow",
+    "grasp",
+    "grow",
+    "then",
+    "any",
+    "thing",  # goal grammar
 )
 _PUNCTUATION = tuple(",:.;!?'\"()-/")
 
@@ -112,9 +129,13 @@ def make_bpe_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         actions = info["possible_actions"] + ["Grasp", "Release"]
         texts.append(pt.format_prompt(info["goal"], obs) + "".join(f" {a}\n{a}" for a in actions))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
