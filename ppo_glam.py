@@ -1093,4 +1093,5 @@ if __name__ == "__main__":
     if writer:
         writer.close()
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still writes the checkpoint or uses them
         dist.destroy_process_group()
