@@ -26,33 +26,11 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 # with fp32 to a few hundredths.
 LOGP_TOL, Q_TOL = 0.1, 0.05
 
-SMALL = [
-    "--num-envs",
-    8,
-    "--update-frequency",
-    16,
-    "--batch-size",
-    16,
-    "--critic-hidden",
-    64,
-    "--learning-starts",
-    64,
-    "--num-objects",
-    3,
-    "--goal-types",
-    "grasp",
-    "grow",
-    "--eval-frequency",
-    0,
-    "--log-frequency",
-    64,
-    "--critic-warmup-updates",
-    2,
-    "--checkpoint-frequency",
-    0,
-    "--checkpoint-dir",
-    "ck",
-]
+SMALL = (
+    "--num-envs 8 --update-frequency 16 --batch-size 16 --critic-hidden 64 --learning-starts 64 "
+    "--num-objects 3 --goal-types grasp grow --eval-frequency 0 --log-frequency 64 "
+    "--critic-warmup-updates 2 --checkpoint-frequency 0 --checkpoint-dir ck"
+).split()
 
 
 def states(n: int = 8) -> list[sg.State]:

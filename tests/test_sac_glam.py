@@ -30,35 +30,11 @@ INIT_LOG_ALPHA = torch.tensor(math.log(0.005))  # the script's log_alpha at star
 
 # Small runs: 8 envs, an update (2 gradient updates) every 2 env steps from step 128, 3-object scenes.
 # Updates happen at global steps 128, 144, ..., so a run of T >= 128 steps makes 2 * ((T - 128) // 16 + 1).
-SMALL = [
-    "--no-cuda",
-    "--no-bf16",
-    "--num-envs",
-    8,
-    "--update-frequency",
-    16,
-    "--batch-size",
-    16,
-    "--critic-hidden",
-    64,
-    "--learning-starts",
-    128,
-    "--num-objects",
-    3,
-    "--goal-types",
-    "grasp",
-    "grow",
-    "--eval-frequency",
-    0,
-    "--log-frequency",
-    64,
-    "--critic-warmup-updates",
-    2,
-    "--checkpoint-frequency",
-    0,
-    "--checkpoint-dir",
-    "ck",
-]
+SMALL = (
+    "--no-cuda --no-bf16 --num-envs 8 --update-frequency 16 --batch-size 16 --critic-hidden 64 "
+    "--learning-starts 128 --num-objects 3 --goal-types grasp grow --eval-frequency 0 --log-frequency 64 "
+    "--critic-warmup-updates 2 --checkpoint-frequency 0 --checkpoint-dir ck"
+).split()
 
 
 def n_updates(total: int) -> int:

@@ -339,39 +339,11 @@ state = {"trainable": g["trainable_state"](g["agent"]), "log_alpha": g["log_alph
 torch.save(state, os.path.join(out, "rank%s.pt" % os.environ.get("RANK", "0")))
 """
 # The simplified env of Appendix B (3 objects, grasp and grow): hindsight goals at almost every grasp.
-COMMON = [
-    "--no-cuda",
-    "--no-bf16",
-    "--num-objects",
-    "3",
-    "--goal-types",
-    "grasp",
-    "grow",
-    "--num-envs",
-    "4",
-    "--update-frequency",
-    "4",
-    "--learning-starts",
-    "16",
-    "--batch-size",
-    "8",
-    "--buffer-size",
-    "64",
-    "--log-frequency",
-    "16",
-    "--eval-frequency",
-    "0",
-    "--critic-warmup-updates",
-    "4",
-    "--critic-hidden",
-    "32",
-    "--lora-r",
-    "4",
-    "--update-chunk-size",
-    "4",
-    "--checkpoint-dir",
-    "ck",
-]
+COMMON = (
+    "--no-cuda --no-bf16 --num-objects 3 --goal-types grasp grow --num-envs 4 --update-frequency 4 "
+    "--learning-starts 16 --batch-size 8 --buffer-size 64 --log-frequency 16 --eval-frequency 0 "
+    "--critic-warmup-updates 4 --critic-hidden 32 --lora-r 4 --update-chunk-size 4 --checkpoint-dir ck"
+).split()
 
 
 class MainUnpickler(pickle.Unpickler):
