@@ -969,10 +969,8 @@ if __name__ == "__main__":
     trajectories: list[list[Step]] = [[] for _ in range(envs_per_rank)]
     keep_goals = her_goal_set(args.goal_types, args.her_test_goals, args.her_all_goal_types)
     prior = goal_type_prior(args.goal_types)
-    hindsight_goals, batch_her = (
-        0,
-        0,
-    )  # this rank: goals relabeling its episodes since the last log; HER transitions in its last batch
+    hindsight_goals = 0  # this rank: goals relabeling its episodes since the last log
+    batch_her = 0  # this rank: HER transitions in its last batch
     obs, infos = envs.reset()
     episode_lengths = np.zeros(envs_per_rank, dtype=int)
     finished: list[tuple[bool, int, str]] = []  # this rank's episodes since the last log
