@@ -1053,7 +1053,10 @@ if __name__ == "__main__":
                 )
                 os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
                 if args.lora_r > 0:
-                    agent.llm.save_pretrained(os.path.join(path, "adapter"))
+                    # peft looks for a config.json to check the vocabulary: there is none beside a GGUF file.
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+                        agent.llm.save_pretrained(os.path.join(path, "adapter"))
                 print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
         finally:
             stopper.saving = False
