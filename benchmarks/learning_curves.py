@@ -392,7 +392,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         ax.set_ylabel("success rate (last 100 training episodes)")
         ax.grid(alpha=0.3)
     left.set_xlabel("env steps")
-    right.set_xlabel(f"wall-clock minutes ({os.cpu_count() // args.jobs} CPU thread(s) per run)")
+    right.set_xlabel(f"wall-clock minutes ({max(1, (os.cpu_count() or 1) // args.jobs)} CPU thread(s) per run)")
     left.legend(loc="lower right", fontsize=8)
     left.set_title("Sample efficiency")
     right.set_title("Time efficiency")
@@ -434,7 +434,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         f"Env steps per run: {args.steps:,} (a run still going shows as far as it got: the curves end at the",
         "shortest seed's last point). Reaching = the first point where the mean over seeds of the rolling success",
         "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value,",
-        f"mean ± std over seeds. Minutes are wall clock of one run on {os.cpu_count() // args.jobs} thread(s) (runs shared "
+        f"mean ± std over seeds. Minutes are wall clock of one run on {max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) (runs shared "
         f"the machine {args.jobs} at a time; a resumed run's clock continues from its checkpoint).",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
