@@ -233,7 +233,14 @@ class PlaygroundText:
                     f"objects {names!r}: give 1 to {MAX_OBJECTS} distinct names '<color> <type>' with colors "
                     f"{', '.join(COLORS)} and types {', '.join(TYPES)}" + (f" (unknown: {bad})" if bad else "")
                 )
-        self.goal, self.goal_kind, self.horizon = goal, kind, HORIZON[kind]
+        self._begin(goal, names)
+        info = {"goal": goal, "goal_type": kind, "possible_actions": self._possible_actions(), "horizon": self.horizon}
+        return self._observation(), info
+
+    def _begin(self, goal: str, names: list[str]):
+        """The state at the start of an episode with this goal and scene."""
+        self.goal, self.goal_kind = goal, goal_type(goal)
+        self.horizon = HORIZON[self.goal_kind]
         self._names = names
         self._go = [f"Go to {n}" for n in names]
         self._index = {a: i for i, a in enumerate(self._go)}
@@ -244,8 +251,6 @@ class PlaygroundText:
         self._t = 0
         self._over = False
         self._refresh_visible()
-        info = {"goal": goal, "goal_type": kind, "possible_actions": self._possible_actions(), "horizon": self.horizon}
-        return self._observation(), info
 
     def check_action(self, action: str) -> None:
         """Raise, changing nothing, unless `action` can be taken now (SyncVecPlaygroundText checks all envs first)."""
@@ -283,6 +288,35 @@ class PlaygroundText:
         self._over = terminated or truncated
         info = {"goal": self.goal, "possible_actions": self._possible_actions(), "achieved_goals": achieved}
         return self._observation(), float(terminated), terminated, truncated, info
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The env's whole state as plain data (ints, strings, lists, tuples): load_state_dict continues from it
+        exactly, random draws included."""
+        state = {"rng": self._rng.getstate(), "over": self._over}
+        if self._names:  # an episode has begun
+            state["episode"] = {
+                "goal": self.goal,
+                "names": list(self._names),
+                "on": self._on,
+                "held": self._held,
+                "grown": list(self._grown),
+                "achieved": sorted(self._achieved),
+                "grow_history": list(self._grow_history),
+                "t": self._t,
+            }
+        return state
+
+    def load_state_dict(self, state: dict):
+        self._rng.setstate(state["rng"])
+        if "episode" in state:
+            episode = state["episode"]
+            self._begin(episode["goal"], list(episode["names"]))
+            self._on, self._held, self._t = episode["on"], episode["held"], episode["t"]
+            self._grown, self._achieved = list(episode["grown"]), set(episode["achieved"])
+            self._grow_history = list(episode["grow_history"])
+            self._refresh_visible()
+        self._over = state["over"]
 
     # -- rules --------------------------------------------------------------------------------------
     def _meet(self, a: int, b: int) -> str | None:
@@ -395,6 +429,16 @@ class SyncVecPlaygroundText:
         _check_seed(seed)
         results = [env.reset(seed=self._seed(seed, i)) for i, env in enumerate(self.envs)]
         return [r[0] for r in results], [r[1] for r in results]
+
+    def state_dict(self) -> list[dict]:
+        """Every env's state as plain data (PlaygroundText.state_dict), for checkpoints."""
+        return [env.state_dict() for env in self.envs]
+
+    def load_state_dict(self, states: list[dict]):
+        if len(states) != self.num_envs:
+            raise ValueError(f"got the states of {len(states)} envs for {self.num_envs} envs")
+        for env, state in zip(self.envs, states):
+            env.load_state_dict(state)
 
     def step(self, actions: Sequence[str]):
         if len(actions) != self.num_envs:

@@ -1003,3 +1003,46 @@ def test_vector_step_with_an_invalid_action_moves_no_env():
         assert [(env._on, env._held, env._t, env._observation()) for env in vec.envs] == before
     obs2, *_ = vec.step(valid)  # the same step, now valid, moves every env
     assert all(env._t == 1 for env in vec.envs) and obs2 != obs
+
+
+def _roll(vec: pt.SyncVecPlaygroundText, obs: list[str], infos: list[dict], steps: int, rng: random.Random) -> list:
+    """Random valid actions for `steps` steps: everything the vector env returns, in order."""
+    trace = [(obs, infos)]
+    for _ in range(steps):
+        out = vec.step([rng.choice(info["possible_actions"]) for info in infos])
+        obs, infos = out[0], out[4]
+        trace.append((obs, out[1].tolist(), out[2].tolist(), out[3].tolist(), infos))
+    return trace
+
+
+@pytest.mark.parametrize("goal_types", [pt.GOAL_TYPES, ("grasp", "grow")])
+def test_state_dict_resumes_exactly_through_plain_data(tmp_path, goal_types):
+    """A vector env saved mid-episode (through torch.load(weights_only=True): plain data only) and loaded into envs
+    built with another seed continues exactly as the original: observations, rewards, ends, achieved goals and
+    the auto-reset's random episodes, over many random episodes; a never-reset env round-trips too."""
+    import torch
+
+    kwargs = dict(num_objects=6 if len(goal_types) > 2 else 3, goal_types=goal_types)
+    successes = 0
+    for trial in range(8):
+        vec = pt.SyncVecPlaygroundText(4, seed=trial, **kwargs)
+        obs, infos = vec.reset()
+        actions = random.Random(trial)
+        last = _roll(vec, obs, infos, 1 + actions.randrange(40), actions)[-1]
+        obs, infos = last[0], last[-1]
+        torch.save(vec.state_dict(), tmp_path / "env.pt")
+        copy = pt.SyncVecPlaygroundText(4, seed=1000 + trial, **kwargs)
+        copy.reset()
+        copy.load_state_dict(torch.load(tmp_path / "env.pt", weights_only=True))
+        state = actions.getstate()
+        expected = _roll(vec, obs, infos, 120, actions)
+        actions.setstate(state)
+        assert _roll(copy, obs, infos, 120, actions) == expected
+        assert sum(sum(te) + sum(tr) for _, _, te, tr, _ in expected[1:]) > 0  # episodes ended and auto-reset
+        successes += sum(sum(te) for _, _, te, _, _ in expected[1:])
+    assert successes > 0
+    fresh, copy = pt.PlaygroundText(seed=3, **kwargs), pt.PlaygroundText(seed=4, **kwargs)
+    copy.load_state_dict(fresh.state_dict())
+    assert fresh.reset() == copy.reset()
+    with pytest.raises(ValueError, match="3 envs for 4 envs"):
+        pt.SyncVecPlaygroundText(4, seed=0, **kwargs).load_state_dict(vec.state_dict()[:3])
