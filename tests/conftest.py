@@ -119,7 +119,7 @@ class Run:
     def checkpoint(self) -> dict:
         import torch
 
-        return torch.load(self.checkpoint_dir() / "checkpoint.pt", weights_only=False, map_location="cpu")
+        return torch.load(self.checkpoint_dir() / "checkpoint.pt", weights_only=True, map_location="cpu")  # plain data
 
     def run_dir(self) -> Path:
         dirs = glob.glob(str(self.cwd / "runs" / "*"))

@@ -8,9 +8,7 @@ counts of the README), not computed by the code under test, so that each test ca
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import signal
 import sys
 import time
@@ -346,15 +344,17 @@ COMMON = (
 ).split()
 
 
-class MainUnpickler(pickle.Unpickler):
-    """The script pickles its per-rank state as __main__ (State, Step, NStep, ReplayBuffer, ...)."""
-
-    def find_class(self, module, name):
-        return getattr(sgh, name) if module == "__main__" else super().find_class(module, name)
-
-
 def ranks_of(checkpoint: dict) -> list[dict]:
-    return [MainUnpickler(io.BytesIO(r)).load() for r in checkpoint["ranks"]]
+    """Each rank's buffers and open episodes, rebuilt from the checkpoint's plain data by the script's own loaders."""
+    out = []
+    for mine in checkpoint["ranks"]:
+        world, saved = checkpoint["world_size"], checkpoint["args"]
+        rb, her = sgh.ReplayBuffer(saved["buffer_size"] // world), sgh.ReplayBuffer(saved["her_buffer_size"] // world)
+        rb.load_state_dict(mine["rb"])
+        her.load_state_dict(mine["her"])
+        trajectories = [[sgh.step_of(step) for step in trajectory] for trajectory in mine["trajectories"]]
+        out.append({"rb": rb, "her": her, "trajectories": trajectories})
+    return out
 
 
 def rank_states(run, nproc: int) -> list[dict]:

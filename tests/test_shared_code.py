@@ -1,6 +1,6 @@
 """The three scripts are self-contained on purpose (each reads alone, as in CleanRL), so they carry copies of
 the code they share: model loading, the token layout and scoring of Eq. 1-2, the torchrun helpers, evaluation,
-signals, replay and the SAC losses (the two SAC scripts). A fix made in one copy must be made in all: every
+resume, checkpoints, signals, logging, replay and the SAC losses (the two SAC scripts). A fix made in one copy must be made in all: every
 top-level function, class, class method and constant defined in more than one script is identical in each,
 except the few below that differ by design."""
 
@@ -24,6 +24,7 @@ DIFFERS = {
     "ReplayBuffer.add": "the HER buffer keeps each transition's goal type (--her-sampling prior)",
     "sample_actions": "PPO can take its uniforms from outside (one global draw per rollout step under torchrun)",
     "trainable_state": "SAC saves the target Q heads too",
+    "check_args": "each algorithm's settings to check",
 }
 
 
@@ -62,9 +63,12 @@ def test_the_shared_blocks_cover_the_common_machinery():
     everywhere = {n for n, copies in both.items() if len(copies) == 3}
     expected = {"resolve_model", "use_bf16", "load_llm", "State", "ActionBlock", "Agent.action_ids", "Agent.render",
                 "Agent.check_tokenization", "Agent.prompt_ids", "Agent.action_block", "Agent.layout", "Agent.attention_mask",
-                "gather", "all_reduce_gradients", "StopSignal", "any_rank", "evaluate", "fail"}  # fmt: skip
+                "setup_torchrun", "gather", "gather_to_first", "broadcast_from_first", "all_reduce_gradients", "any_rank",
+                "make_envs", "evaluate", "fail", "load_checkpoint", "load_trainable", "save_checkpoint", "StopSignal", "Clock",
+                "make_writer", "log_progress", "to_plain"}  # fmt: skip
     assert expected <= everywhere, expected - everywhere
-    assert {"NStep", "Transition", "sac_losses", "soft_state_value", "ReplayBuffer.sample"} <= set(both)
+    assert {"NStep", "Transition", "transition_of", "sac_losses", "soft_state_value", "ReplayBuffer.sample",
+            "ReplayBuffer.state_dict", "ReplayBuffer.load_state_dict"} <= set(both)  # fmt: skip
 
 
 def test_every_listed_difference_is_real():
