@@ -10,7 +10,9 @@ layer) on cuda:0 and measures
             one batched scoring pass over every possible action (Eq. 1-2), a sampled action, an env step;
   update    seconds per gradient update at batch 256 as sac_glam.py makes it (sac_losses on chunks of
             --update-chunk-size, backward, Adam step) on n-step transitions of random-policy rollouts;
-  memory    peak GPU memory allocated (torch.cuda.max_memory_allocated) over both;
+  memory    peak GPU memory allocated (torch.cuda.max_memory_allocated) over both, each row's model freed
+            before the next row starts;
+  params    the LLM's parameters, LoRA included; 4-bit weights count as their values, not their packed bytes;
 and projects the paper's SAC-GLAM run (Table 2 at 400k env steps: 12,500 acting steps of 32 envs and
 25,000 gradient updates of batch 256) in GPU-hours on this GPU, to read against the paper's 80 V100-hours
 per seed (4 V100 for about 20 h, Appendix C). Modes: bf16 (frozen weights bf16, bf16 autocast, trainable
@@ -23,6 +25,7 @@ tiny settings, only to test this script).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import statistics
@@ -51,6 +54,24 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def parameter_count(model: torch.nn.Module) -> int:
+    """The model's parameters, each counted by the number of values it holds: bitsandbytes packs two 4-bit values
+    per byte into a Params4bit of shape [n / 2, 1] and keeps the weight's shape in its quant_state."""
+    total = 0
+    for p in model.parameters():
+        quant_state = getattr(p, "quant_state", None)
+        total += math.prod(quant_state.shape) if quant_state is not None else p.numel()
+    return total
+
+
+def free_cuda_memory(device: torch.device):
+    """Return what unreachable objects hold to the allocator: bitsandbytes modules and their weights reference
+    each other, so a 4-bit model outlives its last reference until the garbage collector runs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def hf_checkpoint(model_id: str, tmp: str) -> str:
     """A path that --load-in-4bit can quantize: model_id itself, or a GGUF actor de-quantized and saved as HF weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,60 +96,67 @@ def measure(model_id: str, mode: str, opts, device: torch.device, batch: list[sa
             update_chunk_size=opts.update_chunk_size,
             score_chunk_size=opts.score_chunk_size,
         )
+        free_cuda_memory(device)  # nothing of an earlier row is left when this row's peak starts
         if device.type == "cuda":
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(0)
         llm, tokenizer = sac_glam.load_llm(args, device, torch.bfloat16 if sac_glam.use_bf16(args, device) else torch.float32)
         agent = sac_glam.Agent(llm, tokenizer, args, max_actions=7, device=device)
-        params = sum(p.numel() for p in llm.parameters())
-
-        # Acting: the scripts' acting step, whole.
-        envs = pt.SyncVecPlaygroundText(opts.num_envs, seed=1, num_objects=6)
-        rng = np.random.default_rng(1)
-        obs, infos = envs.reset()
-
-        def act():
-            nonlocal obs, infos
-            states = [sac_glam.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
-            actions = sac_glam.sample_actions(agent.policy_logp(states, args.score_chunk_size), rng)
-            obs, _, _, _, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
-
-        for _ in range(opts.warmup):
-            act()
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(opts.acting_steps):
-            act()
-        sync(device)
-        sps = opts.acting_steps * opts.num_envs / (time.perf_counter() - start)
-
-        # Gradient updates at batch 256, as in sac_glam.py (critic and actor losses on the shared LLM, Adam).
-        llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(
-            [{"params": llm_params, "lr": args.policy_lr}, {"params": list(agent.qf.parameters()), "lr": args.q_lr}]
-        )
-
-        def update():
-            optimizer.zero_grad(set_to_none=True)
-            for c in range(0, len(batch), args.update_chunk_size):
-                chunk = batch[c : c + args.update_chunk_size]
-                loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, train_actor=True, critic_grad=True)
-                (loss * len(chunk) / len(batch)).backward()
-            optimizer.step()
-
-        times = []
-        for i in range(opts.warmup + opts.updates):
-            sync(device)
-            start = time.perf_counter()
-            update()
-            sync(device)
-            if i >= opts.warmup:
-                times.append(time.perf_counter() - start)
-        per_update = statistics.median(times)
+        params = parameter_count(llm)
+        del llm, tokenizer  # the agent holds them
+        sps, per_update = time_acting_and_updates(agent, args, opts, device, batch)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+        del agent  # the last reference to the model: freed here, not during the next row
+        free_cuda_memory(device)
     hours = (PAPER_ACTING_STEPS * opts.num_envs / sps + PAPER_UPDATES * per_update) / 3600
     return {"model": model_id, "mode": mode, "params": params, "sps": sps, "update": per_update, "peak": peak, "hours": hours}
+
+
+def time_acting_and_updates(agent: sac_glam.Agent, args: sac_glam.Args, opts, device: torch.device, batch) -> tuple:
+    """Env steps/s of the scripts' acting step and the median seconds of a gradient update at the batch size."""
+    # Acting: the scripts' acting step, whole.
+    envs = pt.SyncVecPlaygroundText(opts.num_envs, seed=1, num_objects=6)
+    rng = np.random.default_rng(1)
+    obs, infos = envs.reset()
+
+    def act():
+        nonlocal obs, infos
+        states = [sac_glam.State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        actions = sac_glam.sample_actions(agent.policy_logp(states, args.score_chunk_size), rng)
+        obs, _, _, _, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
+
+    for _ in range(opts.warmup):
+        act()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(opts.acting_steps):
+        act()
+    sync(device)
+    sps = opts.acting_steps * opts.num_envs / (time.perf_counter() - start)
+
+    # Gradient updates at batch 256, as in sac_glam.py (critic and actor losses on the shared LLM, Adam).
+    llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(
+        [{"params": llm_params, "lr": args.policy_lr}, {"params": list(agent.qf.parameters()), "lr": args.q_lr}]
+    )
+
+    def update():
+        optimizer.zero_grad(set_to_none=True)
+        for c in range(0, len(batch), args.update_chunk_size):
+            chunk = batch[c : c + args.update_chunk_size]
+            loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, train_actor=True, critic_grad=True)
+            (loss * len(chunk) / len(batch)).backward()
+        optimizer.step()
+
+    times = []
+    for i in range(opts.warmup + opts.updates):
+        sync(device)
+        start = time.perf_counter()
+        update()
+        sync(device)
+        if i >= opts.warmup:
+            times.append(time.perf_counter() - start)
+    return sps, statistics.median(times)
 
 
 def main() -> int:
