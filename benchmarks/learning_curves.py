@@ -140,8 +140,9 @@ STEPS = {"tiny": (40_960, 8_192), "smollm2": (20_480, 2_560)}  # env steps per r
 ZERO_SHOT = {"sampled": 0.28, "greedy": 0.34}
 THRESHOLDS = (0.5, 0.8)
 COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-# Runs whose logs predate the commit line: the commit that ran them, as their session recorded it.
+# Runs whose logs predate the commit line: the commit and machine that ran them, as their session recorded them.
 LOGGED_ELSEWHERE = {"sac_glam_1": "cf48f29", "ppo_glam_1": "cf48f29"}
+XEON = "Intel Xeon, 2 cores (AMX)"
 # The paper's two claims (Figure 2): SAC-GLAM is more sample-efficient than PPO-GLAM, HER more still.
 CLAIMS = (("sac_glam", "ppo_glam"), ("sac_glam_her", "sac_glam"))
 
@@ -339,7 +340,12 @@ def run_log(work: Path, algo: str, seed: str) -> dict[str, str]:
     start = re.search(r"^PlaygroundText__\S+: \S+ \((?:decoder-only|encoder-decoder)(?:, ([^)]*))?\) on", text, re.M)
     precision = "?" if start is None else (start.group(1) or "fp32 (no tag)").split(",")[0]
     commits = sorted(set(re.findall(r"^# (?:start|resume) at commit (\w+)", text, re.M)))
-    return {"precision": precision, "commit": ", ".join(commits) or LOGGED_ELSEWHERE.get(f"{algo}_{seed}", "?")}
+    machines = sorted(set(re.findall(r"^# (?:start|resume) at commit \w+, \d+ threads, (.+)$", text, re.M)))
+    return {
+        "precision": precision,
+        "commit": ", ".join(commits) or LOGGED_ELSEWHERE.get(f"{algo}_{seed}", "not logged"),
+        "machine": "; ".join(machines) or XEON,  # every run before the machine was logged ran on that Xeon
+    }
 
 
 def load_runs(work: Path) -> dict[str, list[dict]]:
@@ -421,7 +427,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
             right.fill_between(tg / 60, tm - ts, tm + ts, color=color, alpha=0.2)
         reach = [(first_reach(g, m, thr), first_reach(tg, tm, thr)) for thr in THRESHOLDS]
         finals = {k: [r[k][1][-1] for r in seeds if len(r[k][1])] for k in ("steps", *GOAL_TYPES)}
-        provenance = {k: ", ".join(sorted({r[k] for r in seeds})) for k in ("precision", "commit")}
+        provenance = {k: ", ".join(sorted({r[k] for r in seeds})) for k in ("precision", "commit", "machine")}
         rows.append((label, reach, finals, n, int(g[-1]), provenance))
     for ax in (left, right):
         ax.axhline(
@@ -459,24 +465,24 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
 
     lines = [
         "| algorithm | seeds | env steps to 50% | env steps to 80% | minutes to 50% | minutes to 80% | final success | "
-        "final grasp | final grow | precision | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "final grasp | final grow | precision | commit | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, reach, finals, n, steps, provenance in rows:
         (s50, t50), (s80, t80) = reach
         lines.append(
             f"| {label} | {n} | {fmt(s50)} | {fmt(s80)} | {fmt(t50, 60)} | {fmt(t80, 60)} | "
             f"{pm(finals['steps'])} | {pm(finals['grasp'])} | {pm(finals['grow'])} | {provenance['precision']} | "
-            f"{provenance['commit']} |"
+            f"{provenance['commit']} | {provenance['machine']} |"
         )
     lines.append(
         f"| random policy | {args.random_episodes:,} episodes | not reached | not reached | - | - | "
-        f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} | | |"
+        f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} | | | |"
     )
     if args.actor == "smollm2":
         lines.append(
             f"| zero-shot SmolLM2 (docs/zero_shot_smollm2.md) | 64 episodes | - | - | - | - | "
-            f"{ZERO_SHOT['sampled']:.2f} sampled, {ZERO_SHOT['greedy']:.2f} greedy | | | | |"
+            f"{ZERO_SHOT['sampled']:.2f} sampled, {ZERO_SHOT['greedy']:.2f} greedy | | | | | |"
         )
     lines += ["", "The paper's claims (Figure 2), as the difference in area under the success curve (the mean rolling",
               "success over env steps 0 to the shortest run's end), 95% bootstrap interval over seeds:", ""]  # fmt: skip
@@ -490,7 +496,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value,",
         f"mean ± std over seeds (one seed: its value). Minutes are wall clock of one run on {max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) (runs shared "
         f"the machine {args.jobs} at a time; a resumed run's clock continues from its checkpoint).",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+        f"{'Drawn on' if minutes is None else 'Run on'}: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
         + (f"; whole benchmark {minutes:.0f} min." if minutes is not None else "."),
     ]
