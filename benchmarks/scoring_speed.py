@@ -71,6 +71,7 @@ hf_logging.disable_progress_bar()
 BARS = {"tiny-llama": 3.0, "tiny-t5": 2.5, "smollm2-135m": 5.0}
 LAMOREL = {"tiny-llama": 1.45, "tiny-t5": 1.7, "smollm2-135m": 4.7}
 DEVICE = torch.device("cpu")
+MAX_ACTIONS = 8  # 7 "Go to" + "Grasp": the critic heads' slots (critic_input obs)
 T0 = time.perf_counter()
 
 
@@ -131,10 +132,10 @@ def naive_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[st
             r, ids = len(seqs), agent.action_ids(action)
             if agent.encoder_decoder:  # encoder: the prompt; decoder: [start] + action
                 enc.append(prompt)
-                seqs.append([start] + ids)
+                seqs.append([start, *ids])
                 first = 0
             else:  # prompt + action; the logits at position i predict token i + 1
-                seqs.append(prompt + ids)
+                seqs.append([*prompt, *ids])
                 first = len(prompt) - 1
             t_row += [r] * len(ids)
             t_pos += range(first, first + len(ids))
@@ -281,22 +282,40 @@ def legacy_layout(agent: sac_glam.Agent, states: list[sac_glam.State]) -> dict[s
     return {k: v.to(agent.device) for k, v in batch.items()}
 
 
+def legacy_as_layout(legacy: dict[str, torch.Tensor]) -> sac_glam.Layout:
+    """The legacy layout under today's field names, for Agent.forward: its host-built 4D mask in place of `end`
+    (with Agent.attention_mask made the identity), for the check that both layouts give the same log pi and Q."""
+    return sac_glam.Layout(
+        ids=legacy["ids"],
+        positions=legacy["pos"],
+        end=legacy["mask"],
+        head_rows=legacy["head_rows"],
+        token_heads=legacy["tok_rows"],
+        token_ids=legacy["tok_ids"],
+        token_slots=legacy["tok_slots"],
+        feature_rows=legacy["feat_rows"],
+        prompt_rows=legacy["obs_rows"],
+        valid=legacy["valid"],
+        encoder_ids=legacy.get("enc_ids"),
+        encoder_mask=legacy.get("enc_mask"),
+    )
+
+
 class NaiveAgent(sac_glam.Agent):
     """The same LLM and the same critic heads as `agent`, with the naive forward pass (for sac_losses)."""
 
     def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
-        super().__init__(
-            agent.llm, agent.tokenizer, dataclasses.replace(args, critic_hidden=8), agent.max_actions, agent.device
-        )
+        super().__init__(agent.llm, agent.tokenizer, dataclasses.replace(args, critic_hidden=8), MAX_ACTIONS, agent.device)
         self.qf, self.qf_target = agent.qf, agent.qf_target  # shared, not copies
-        self._action_ids = agent._action_ids
+        self.action_ids = agent.action_ids  # the same token cache
 
     def forward(self, states, llm_grad: bool = True, critic_grad: bool = True):
         x = naive_layout(self, states)
-        encoder, decoder, lm_head = self.parts
+        base = self.base()
+        decoder = base.get_decoder()
         with torch.set_grad_enabled(llm_grad and torch.is_grad_enabled()):
             if self.encoder_decoder:
-                enc = encoder(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
+                enc = base.get_encoder()(input_ids=x["enc_ids"], attention_mask=x["enc_mask"]).last_hidden_state
                 hidden = decoder(
                     input_ids=x["ids"],
                     attention_mask=x["mask"],
@@ -305,7 +324,7 @@ class NaiveAgent(sac_glam.Agent):
                 ).last_hidden_state
             else:
                 hidden = decoder(input_ids=x["ids"], attention_mask=x["mask"]).last_hidden_state
-            logits = lm_head(hidden * self.head_scale)  # full logits: every position of every sequence
+            logits = base.get_output_embeddings()(hidden * self.head_scale)  # full logits: every position of every sequence
         logp = naive_policy_logp(self, x, logits)
         n, k_max = x["valid"].shape
         features = torch.zeros(n * k_max, hidden.shape[-1]).index_copy(0, x["f_slot"], hidden[x["f_row"], x["f_pos"]].float())
@@ -379,7 +398,7 @@ def bench_host_prep(name: str, agent: sac_glam.Agent, batch, chunk_size: int, ro
         legacy = legacy_layout(agent, calls[-1])
 
         def legacy_layout_of(states):  # the forward pass on the legacy layout
-            return {**legacy, "end": legacy["mask"]}
+            return legacy_as_layout(legacy)
 
         def mask_as_is(mask):
             return mask
@@ -392,14 +411,14 @@ def bench_host_prep(name: str, agent: sac_glam.Agent, batch, chunk_size: int, ro
             del agent.layout, agent.attention_mask
     diff = max((logp - logp_legacy).abs().nan_to_num().max().item(), (q - q_legacy).abs().max().item())
     assert diff < 1e-4, f"{name}: the layouts disagree by {diff}"
-    agent._prompt_cache.clear()
-    agent._block_cache.clear()
+    agent.prompt_ids.cache_clear()  # the per-prompt and per-action-set caches (the action tokens stay cached)
+    agent.action_block.cache_clear()
     cold = timed(lambda: [agent.layout(c) for c in calls])[0]
     warm, legacy = [], []
     for _ in range(rounds):
         warm.append(timed(lambda: [agent.layout(c) for c in calls])[0])
         legacy.append(timed(lambda: [legacy_layout(agent, c) for c in calls])[0])
-    ends = [agent.layout(c)["end"] for c in calls]
+    ends = [agent.layout(c).end for c in calls]
     mask = statistics.median(timed(lambda: [agent.attention_mask(e) for e in ends])[0] for _ in range(rounds))
     out = {
         "prep_cold": cold,
@@ -479,7 +498,7 @@ def bench_model(
     torch.manual_seed(0)
     llm, tokenizer = sac_glam.load_llm(args, DEVICE)
     activate_lora(llm)
-    agent = sac_glam.Agent(llm, tokenizer, args, max_actions=8, device=DEVICE)
+    agent = sac_glam.Agent(llm, tokenizer, args, max_actions=MAX_ACTIONS, device=DEVICE)
     n_params = sum(p.numel() for p in llm.parameters())  # base weights + adapters
     res = {"name": name, "params": n_params, "kind": "encoder-decoder" if agent.encoder_decoder else "decoder-only"}
     if train_batch:
@@ -492,9 +511,9 @@ def bench_model(
     t_naive, lp_naive = timed(naive_score, agent, score_states)
     res["diff"] = (lp_ours - lp_naive).abs().max().item()
     x_ours, x_naive = agent.layout(score_states), naive_layout(agent, score_states)
-    res["tokens_ours"] = int(x_ours["ids"].numel() + (x_ours["enc_ids"].numel() if agent.encoder_decoder else 0))
+    res["tokens_ours"] = int(x_ours.ids.numel() + (x_ours.encoder_ids.numel() if agent.encoder_decoder else 0))
     res["tokens_naive"] = int(x_naive["ids"].numel() + (x_naive["enc_ids"].numel() if agent.encoder_decoder else 0))
-    res["head_rows_ours"], res["head_rows_naive"] = int(x_ours["head_rows"].numel()), int(x_naive["ids"].numel())
+    res["head_rows_ours"], res["head_rows_naive"] = int(x_ours.head_rows.numel()), int(x_naive["ids"].numel())
     log(f"{name}: max |log pi ours - log pi naive| = {res['diff']:.2e} (warm-up: ours {t_ours:.3f}s, naive {t_naive:.3f}s)")
 
     # Interleaved rounds.
@@ -606,7 +625,7 @@ def bench_precision(name: str, model_id: str, opts, score_states, batch) -> list
         torch.manual_seed(0)
         llm, tokenizer = sac_glam.load_llm(args, DEVICE, torch.bfloat16 if bf16 else torch.float32)
         activate_lora(llm)
-        agent = sac_glam.Agent(llm, tokenizer, args, max_actions=8, device=DEVICE)
+        agent = sac_glam.Agent(llm, tokenizer, args, max_actions=MAX_ACTIONS, device=DEVICE)
         agent.autocast = bf16  # measured even on a CPU where --bf16 would stay off (emulated bf16)
         trainable = [p for p in llm.parameters() if p.requires_grad]
         assert all(p.dtype == torch.float32 for p in trainable), "trainable parameters must be fp32"
