@@ -266,6 +266,20 @@ def test_resume_on_cuda_matches_the_uninterrupted_run_to_a_tolerance(runner, tin
 GPU_REPORT = ROOT / "benchmarks" / "gpu_report.py"
 
 
+def run_gpu_report(cwd, *args: str) -> str:
+    """benchmarks/gpu_report.py with these arguments, in cwd: its stdout and stderr (it must exit 0)."""
+    out = subprocess.run(
+        [sys.executable, str(GPU_REPORT), *map(str, args)],
+        cwd=cwd,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
 def report_rows(table: str) -> list[list[str]]:
     """The cells of the table's model rows (models are given as paths here)."""
     rows = [line for line in table.splitlines() if line.startswith(("| /", "| tiny"))]
@@ -283,24 +297,7 @@ def test_gpu_report_refuses_without_cuda(tmp_path):
 
 
 def test_gpu_report_dry_run_writes_its_table(tiny_dirs, tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(GPU_REPORT),
-            "--cpu-dry-run",
-            "--model-id",
-            tiny_dirs["llama"],
-            tiny_dirs["t5"],
-            "--modes",
-            "bf16",
-        ],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_gpu_report(tmp_path, "--cpu-dry-run", "--model-id", tiny_dirs["llama"], tiny_dirs["t5"], "--modes", "bf16")
     table = (tmp_path / "gpu_report.md").read_text()
     rows = report_rows(table)
     assert len(rows) == 2 and all(cells[1] == "bf16" for cells in rows), table
@@ -367,15 +364,7 @@ def test_gpu_report_runs_on_cuda(tmp_path):
     fp32, _ = sg.load_llm(sg.Args(model_id=model, cuda=False, bf16=False), torch.device("cpu"))
     params = f"{sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M"
     small = "--num-envs 4 --batch-size 16 --update-chunk-size 8 --acting-steps 2 --updates 2 --warmup 1".split()
-    out = subprocess.run(
-        [sys.executable, str(GPU_REPORT), "--model-id", model, "--modes", "4bit", "bf16", *small, "--out", "report.md"],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_gpu_report(tmp_path, "--model-id", model, "--modes", "4bit", "bf16", *small, "--out", "report.md")
     table = (tmp_path / "report.md").read_text()
     assert table.startswith("GPU report: ") and "CPU" not in table.splitlines()[0], table
     rows = report_rows(table)
