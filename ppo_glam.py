@@ -774,7 +774,7 @@ def check_args(args: Args, world: int):
         fail(f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes")
     if args.minibatch_size < 2 and args.norm_adv:
         fail("--norm-adv needs --minibatch-size of at least 2 (a standard deviation)")
-    if args.total_timesteps < batch_size:
+    if args.total_timesteps < batch_size and not args.eval_only:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
     if not 0 < args.gamma <= 1:
         fail("--gamma must be in (0, 1]")
