@@ -852,10 +852,11 @@ class StopSignal:
 
 
 def make_writer(args: Args, run_name: str, rank: int, global_step: int) -> SummaryWriter | None:
-    """Rank 0's TensorBoard writer, runs/<run-name> with the hyperparameters; a resume drops events after its step."""
+    """Rank 0's TensorBoard writer, runs/<run-name> with the hyperparameters. A resume drops the events the run logged
+    after its checkpoint's step (they are logged again); --eval-only drops nothing."""
     if rank != 0:
         return None
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if args.resume and not args.eval_only else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     return writer
 

@@ -196,7 +196,7 @@ class Agent(nn.Module):
         n_out = 1 if args.critic_input == "obs-action" else max_actions
         self.qf = nn.ModuleList(mlp(hidden, args.critic_hidden, n_out) for _ in range(1 + args.twin_q)).to(device)
         self.qf_target = copy.deepcopy(self.qf).requires_grad_(False)
-        # Cached: a stored transition is laid out again each time it is sampled (about 30 times at Table 2 settings).
+        # Cached: a stored state is laid out again each time it is sampled, as a state or a next state (~30 times, Table 2).
         self.action_ids = functools.lru_cache(maxsize=None)(self.action_ids)
         self.prompt_ids = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.prompt_ids)
         self.action_block = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.action_block)
@@ -850,10 +850,11 @@ class StopSignal:
 
 
 def make_writer(args: Args, run_name: str, rank: int, global_step: int) -> SummaryWriter | None:
-    """Rank 0's TensorBoard writer, runs/<run-name> with the hyperparameters; a resume drops events after its step."""
+    """Rank 0's TensorBoard writer, runs/<run-name> with the hyperparameters. A resume drops the events the run logged
+    after its checkpoint's step (they are logged again); --eval-only drops nothing."""
     if rank != 0:
         return None
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step if args.resume else None)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if args.resume and not args.eval_only else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     return writer
 

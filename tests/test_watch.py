@@ -75,8 +75,11 @@ def test_eval_only_needs_a_checkpoint(runner, tiny_dirs):
 def test_each_evaluation_writes_a_transcript_to_tensorboard(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(trained["sac_glam_her"].run_dir()), size_guidance={"tensors": 0})
+    trained["sac_glam_her_eval"].check()  # it wrote to the same run's TensorBoard directory
+    acc = EventAccumulator(str(trained["sac_glam_her"].run_dir()), size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
+    # --eval-only drops none of the run's own points (its final one included, at the checkpoint's step)
+    assert [e.step for e in acc.Scalars("charts/success_rate")] == [64, 128]
     events = acc.Tensors("eval/transcript/text_summary")  # the run's evaluation at its end (and --eval-only's)
     assert events and {event.step for event in events} == {128}
     for text in (event.tensor_proto.string_val[0].decode() for event in events):
