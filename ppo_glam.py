@@ -1063,7 +1063,7 @@ if __name__ == "__main__":
 
     if args.eval_only:  # --resume DIR --eval-only: the checkpoint's success rates, and how it plays
         rates = evaluate_all(agent, args, rank, world, stopper, writer, global_step)
-        if rank == 0:
+        if rank == 0 and rates:  # a stop request during the evaluation ends it here
             print("\n".join(f"{tag}: {value:.3f}" for tag, value in rates.items()))
             print(f"\n{transcript(agent, args, 'train')}\n\n{transcript(agent, args, 'test')}")
     if writer:
