@@ -798,7 +798,7 @@ def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
     except pickle.UnpicklingError:
         fail(f"--resume {args.resume!r}: not a checkpoint of this script (it holds objects other than plain data)")
     if set(checkpoint["args"]) != {f.name for f in fields(Args)}:
-        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({checkpoint['args'].get('exp_name')})")
+        fail(f"--resume {args.resume!r}: written by another script or version ({checkpoint['args'].get('exp_name')})")
     if checkpoint["world_size"] != world:
         fail(
             f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"

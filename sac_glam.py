@@ -491,11 +491,6 @@ class ReplayBuffer:
     def sample(self, n: int, rng: np.random.Generator) -> list[Transition]:
         return [self.data[i] for i in rng.integers(len(self.data), size=n)]
 
-    def load(self, data: list[Transition], pos: int):
-        """Refill from a checkpoint (self.data, self.pos): sampling continues exactly."""
-        self.data = data
-        self.pos = pos
-
 
 # Discrete SAC losses (Christodoulou 2019) on the shared LLM ------------------------------------------------------------
 def soft_state_value(logp: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -795,7 +790,7 @@ def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
     except pickle.UnpicklingError:
         fail(f"--resume {args.resume!r}: not a checkpoint of this script (it holds objects other than plain data)")
     if set(checkpoint["args"]) != {f.name for f in fields(Args)}:
-        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({checkpoint['args'].get('exp_name')})")
+        fail(f"--resume {args.resume!r}: written by another script or version ({checkpoint['args'].get('exp_name')})")
     if checkpoint["world_size"] != world:
         fail(
             f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
@@ -917,7 +912,7 @@ if __name__ == "__main__":
         window.extend(checkpoint["window"])
         global_step, updates = checkpoint["global_step"], checkpoint["updates"]
         mine = checkpoint["ranks"][rank]
-        rb.load(*mine["rb"])
+        rb.data, rb.pos = mine["rb"]
         envs.load_state_dict(mine["envs"])
         for nstep, pending in zip(nsteps, mine["nsteps"]):
             nstep.pending.extend(pending)

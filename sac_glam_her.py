@@ -7,10 +7,9 @@ of each action's tokens after the prompt. The critic is an MLP on the LLM's last
 
 Hindsight Experience Replay (Section 2.3, Appendix E), "future" strategy (Andrychowicz et al. 2017): once an episode
 ends, each goal g' the social partner describes (info["achieved_goals"]) first at step t' relabels steps 0..t' (prompts
-with g', reward 1 at t', terminated there). Where the paper is silent: every hindsight goal relabels (or
---her-max-goals of them), except the episode's own; successful episodes too; only training goals of --goal-types (no
-test-set leak, nothing never trained on). Real and relabeled transitions live in two ring buffers, and --her-sampling
-draws a batch (Appendix E, Figure 8): ratio (Table 3), uniform over both (Figure 7), or prior (Figure 4's goal types).
+with g', reward 1 at t', terminated there). Every hindsight goal relabels (Appendix E) except the episode's own, in
+successful episodes too, if it is a training goal of --goal-types. Real and relabeled transitions live in two ring
+buffers; a batch draws --hindsight-ratio of its transitions from the relabeled one (Appendix E, Table 3).
 
     python sac_glam_her.py --model-id google/flan-t5-base      # one process
     torchrun --nproc_per_node 4 sac_glam_her.py --n-step 3    # data parallel over 4 GPUs
@@ -125,16 +124,8 @@ class Args:
     # Hindsight Experience Replay (Section 2.3, Appendix E)
     her_buffer_size: int = 100_000
     """HER replay capacity (relabeled transitions) over all ranks, oldest first out (paper: not given)"""
-    her_sampling: Literal["ratio", "uniform", "prior"] = "ratio"
-    """batch composition (Appendix E): ratio: --hindsight-ratio from HER; uniform: over both buffers; prior: env goal types"""
     hindsight_ratio: float = 0.5
-    """share of relabeled transitions per batch with --her-sampling ratio (Table 3: 0.5)"""
-    her_max_goals: int = 0
-    """most hindsight goals relabeling one episode, drawn uniformly (0: all, Appendix E)"""
-    her_test_goals: bool = False
-    """also relabel with held-out test goals (off: they would leak the test set into training)"""
-    her_all_goal_types: bool = False
-    """also relabel with goals of types outside --goal-types (off: updates would go to goals never trained or evaluated)"""
+    """share of relabeled transitions per batch, drawn from the HER buffer (Section 2.3, Table 3: 0.5)"""
 
     # Logging, evaluation, checkpoints
     success_window: int = 100
@@ -502,12 +493,11 @@ class Step(NamedTuple):
     achieved_goals: tuple[str, ...]  # the social partner's descriptions of what this step achieved
 
 
-def relabel(trajectory: list[Step], keep_goals: set, n_step: int, gamma: float, max_goals: int = 0, rng=None) -> dict:
+def relabel(trajectory: list[Step], keep_goals: set, n_step: int, gamma: float) -> dict:
     """Hindsight transitions of one ended episode, by goal, with the "future" strategy (Section 2.3, Appendix E).
 
     A goal g' first achieved at step t' (not the episode's own, and in keep_goals) relabels steps 0..t': State(g',
     o_t, actions_t), reward 1 at t' and 0 before, terminated at t', n-step returns as real episodes (Eq. 3).
-    With max_goals > 0, at most max_goals goals drawn uniformly without replacement with rng.
     """
     own = trajectory[0].state.goal
     first: dict[str, int] = {}
@@ -515,11 +505,8 @@ def relabel(trajectory: list[Step], keep_goals: set, n_step: int, gamma: float, 
         for goal in step.achieved_goals:
             if goal != own and goal in keep_goals:
                 first.setdefault(goal, t)
-    goals = list(first)
-    if 0 < max_goals < len(goals):
-        goals = [goals[j] for j in sorted(rng.choice(len(goals), size=max_goals, replace=False))]
     relabeled = {}
-    for goal in goals:
+    for goal in first:
         nstep = NStep(n_step, gamma)
         relabeled[goal] = []
         for t, step in enumerate(trajectory[: first[goal] + 1]):
@@ -529,33 +516,19 @@ def relabel(trajectory: list[Step], keep_goals: set, n_step: int, gamma: float, 
     return relabeled
 
 
-def her_goal_set(goal_types: tuple[str, ...], test_goals: bool = False, all_goal_types: bool = False) -> set[str]:
-    """The goals that may relabel an episode: the training goals of the run's goal types (the simplified env of
-    Appendix B also achieves sequential goals), plus held-out ones with test_goals, of every type with all_goal_types."""
-    kinds = pt.GOAL_TYPES if all_goal_types else goal_types
-    return set(pt.all_goals("train", kinds)) | (set(pt.all_goals("test", kinds)) if test_goals else set())
-
-
 CHECKPOINT_RECORDS = (State, Transition, Step)  # the named tuples a checkpoint holds: torch's safe loader reads them
 
 
-GOAL_CODES = {kind: code for code, kind in enumerate(pt.GOAL_TYPES)}  # goal type -> int8 code of a buffer slot
-
-
 class ReplayBuffer:
-    """Transitions and, slot for slot, the code of their goal's type (for the prior sampling of Appendix E)."""
-
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.data = []
         self.pos = 0
-        self.kinds = np.zeros(capacity, dtype=np.int8)
 
     def __len__(self):
         return len(self.data)
 
     def add(self, transition: Transition):
-        self.kinds[self.pos] = GOAL_CODES[pt.goal_type(transition.state.goal)]
         if len(self.data) < self.capacity:
             self.data.append(transition)
         else:  # oldest first out: a small buffer keeps n-step transitions close to on-policy (Appendix F)
@@ -564,36 +537,6 @@ class ReplayBuffer:
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Transition]:
         return [self.data[i] for i in rng.integers(len(self.data), size=n)]
-
-    def load(self, data: list[Transition], pos: int):
-        """Refill from a checkpoint (self.data, self.pos): sampling continues exactly."""
-        self.data = data
-        self.pos = pos
-        self.kinds[: len(data)] = [GOAL_CODES[pt.goal_type(t.state.goal)] for t in data]
-
-
-def goal_type_prior(goal_types: tuple[str, ...]) -> np.ndarray:
-    """Share of each goal type (by code) among the env's training goals (Figure 4): the target of --her-sampling prior."""
-    counts = collections.Counter(pt.goal_type(g) for g in pt.all_goals("train", goal_types))
-    return np.array([counts[kind] for kind in pt.GOAL_TYPES]) / sum(counts.values())
-
-
-def sample_batch(
-    rb: ReplayBuffer, her: ReplayBuffer, n: int, mode: str, ratio: float, prior: np.ndarray, rng: np.random.Generator
-):
-    """n transitions from the env buffer rb and the HER buffer (Appendix E), and how many of them are relabeled."""
-    if mode == "ratio":  # Section 2.3, Table 3: a fixed share of relabeled transitions, all real while HER is empty
-        n_her = round(n * ratio) if len(her) else 0
-        return rb.sample(n - n_her, rng) + her.sample(n_her, rng), n_her
-    if mode == "uniform":  # one buffer: the share of relabeled transitions is the buffers' (Figure 7)
-        index = rng.integers(len(rb) + len(her), size=n)
-    else:  # prior: goal types drawn from the env's distribution (Figure 4); absent types give their share away
-        kinds = np.concatenate([rb.kinds[: len(rb)], her.kinds[: len(her)]])
-        share = prior * (np.bincount(kinds, minlength=len(prior)) > 0)
-        per_kind = rng.multinomial(n, share / share.sum())
-        index = np.concatenate([rng.choice(np.flatnonzero(kinds == k), size=m) for k, m in enumerate(per_kind) if m])
-    batch = [rb.data[i] if i < len(rb) else her.data[i - len(rb)] for i in index]
-    return batch, int((index >= len(rb)).sum())
 
 
 # Discrete SAC losses (Christodoulou 2019) on the shared LLM ------------------------------------------------------------
@@ -876,8 +819,8 @@ def check_args(args: Args, world: int):
         fail("--n-step, --gradient-updates, --log-frequency and the chunk sizes must be at least 1")
     if min(args.buffer_size, args.her_buffer_size) < world:
         fail(f"--buffer-size and --her-buffer-size must be at least the {world} processes")
-    if min(args.lora_r, args.her_max_goals, args.eval_frequency, args.checkpoint_frequency) < 0 or args.eval_episodes < 1:
-        fail("--lora-r, --her-max-goals, --eval-frequency and --checkpoint-frequency must be >= 0, --eval-episodes >= 1")
+    if min(args.lora_r, args.eval_frequency, args.checkpoint_frequency) < 0 or args.eval_episodes < 1:
+        fail("--lora-r, --eval-frequency and --checkpoint-frequency must be >= 0, --eval-episodes >= 1")
 
 
 def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
@@ -894,7 +837,7 @@ def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
     except pickle.UnpicklingError:
         fail(f"--resume {args.resume!r}: not a checkpoint of this script (it holds objects other than plain data)")
     if set(checkpoint["args"]) != {f.name for f in fields(Args)}:
-        fail(f"--resume {args.resume!r}: this checkpoint was written by another script ({checkpoint['args'].get('exp_name')})")
+        fail(f"--resume {args.resume!r}: written by another script or version ({checkpoint['args'].get('exp_name')})")
     if checkpoint["world_size"] != world:
         fail(
             f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
@@ -1006,8 +949,8 @@ if __name__ == "__main__":
     nsteps = [NStep(args.n_step, args.gamma) for _ in range(envs.num_envs)]
     her = ReplayBuffer(args.her_buffer_size // world)  # HER (Section 2.3): relabeled transitions
     trajectories = [[] for _ in range(envs.num_envs)]  # each env's open episode, relabeled when it ends
-    keep_goals = her_goal_set(args.goal_types, args.her_test_goals, args.her_all_goal_types)
-    prior = goal_type_prior(args.goal_types)
+    # Relabel with training goals of the run's types only: no held-out goal leaks in, none is never trained on.
+    keep_goals = set(pt.all_goals("train", args.goal_types))
     episode_lengths = np.zeros(envs.num_envs, dtype=int)
     finished, hindsight_goals = [], 0  # this rank's episodes (success, length, goal type), hindsight goals since last log
     window = collections.deque(maxlen=args.success_window)  # rank 0: the last episodes of all ranks
@@ -1020,8 +963,8 @@ if __name__ == "__main__":
         window.extend(checkpoint["window"])
         global_step, updates = checkpoint["global_step"], checkpoint["updates"]
         mine = checkpoint["ranks"][rank]
-        rb.load(*mine["rb"])
-        her.load(*mine["her"])
+        rb.data, rb.pos = mine["rb"]
+        her.data, her.pos = mine["her"]
         envs.load_state_dict(mine["envs"])
         for nstep, pending in zip(nsteps, mine["nsteps"]):
             nstep.pending.extend(pending)
@@ -1061,7 +1004,7 @@ if __name__ == "__main__":
             # HER: keep the episode; once it ends, relabel it with the social partner's goals (Section 2.3).
             trajectories[i].append(step)
             if term or trunc:
-                relabeled = relabel(trajectories[i], keep_goals, args.n_step, args.gamma, args.her_max_goals, rng)
+                relabeled = relabel(trajectories[i], keep_goals, args.n_step, args.gamma)
                 for transition in (t for transitions in relabeled.values() for t in transitions):
                     her.add(transition)
                 hindsight_goals += len(relabeled)
@@ -1077,10 +1020,9 @@ if __name__ == "__main__":
             for _ in range(args.gradient_updates):
                 warmup = updates < args.critic_warmup_updates  # Section 2.2: only the critic MLP learns
                 alpha = log_alpha.detach().exp()
-                # Appendix E: real and relabeled transitions mixed as --her-sampling says (Table 3: ratio 0.5).
-                batch, batch_her = sample_batch(
-                    rb, her, args.batch_size // world, args.her_sampling, args.hindsight_ratio, prior, rng
-                )
+                # Section 2.3, Appendix E: a fixed share of relabeled transitions (Table 3: 0.5), all real while HER is empty.
+                batch_her = round(args.batch_size // world * args.hindsight_ratio) if len(her) else 0
+                batch = rb.sample(args.batch_size // world - batch_her, rng) + her.sample(batch_her, rng)
                 # Critic and actor: one loss on the shared LLM (Eq. 3, Appendix B), in chunks that fit in memory.
                 optimizer.zero_grad(set_to_none=True)
                 entropies, stats = [], collections.defaultdict(float)

