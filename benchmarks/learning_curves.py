@@ -381,7 +381,7 @@ def load_runs(work: Path, goal_types: tuple[str, ...]) -> dict[str, list[dict]]:
     return runs
 
 
-def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], end: float | None = None, points: int = 200):
+def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], end: float | None = None, points: int = 1000):
     """Mean and std over seeds on a common grid from 0 to the shortest run's end (or `end`); each seed's
     curve is interpolated linearly between its logged points and starts at its first point."""
     end = min(x[-1] for x, _ in curves) if end is None else end
@@ -539,9 +539,9 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         "",
         f"Env steps per run: {args.steps:,} (a run still going shows as far as it got: the curves end at the",
         "shortest seed's last point). Reaching = the first point where the mean over seeds of the rolling success",
-        "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value",
-        f"{f'(per goal type: the mean of the last {per_kind_points} logged values)' if full else ''}, mean ± std over seeds "
-        "(one seed: its value).",
+        "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value"
+        + (f" (per goal type: the mean of the last {per_kind_points} logged values)," if full else ","),
+        "mean ± std over seeds (one seed: its value).",
         f"Minutes are wall clock of one run on {threads} thread(s) (runs shared the machine {args.jobs} at a time; a resumed",
         "run's clock continues from its checkpoint).",
         f"{'Drawn on' if minutes is None else 'Run on'}: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
