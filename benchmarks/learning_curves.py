@@ -19,8 +19,9 @@ against env steps; charts/success_rate_vs_seconds: against wall-clock seconds, w
                                        with the random policy (and, for SmolLM2, its zero-shot success);
   docs/learning_curves[_smollm2].md    env steps and minutes until the seed-mean curve first reaches 50% and
                                        80% success, final success overall and per goal type, the commit and
-                                       precision of each run (from its log), and a bootstrap confidence interval
-                                       of the paper's two claims (area under the success curve, over seeds).
+                                       precision of each run (from its log), and the paper's two claims as the
+                                       difference in area under the success curve over seeds, with a bootstrap
+                                       interval and an exact permutation test.
 (--quick writes into --work-dir instead, so a smoke check never overwrites the committed results.)
 
 --actor tiny: the same tiny randomly initialised decoder-only transformer (Llama architecture built from a
@@ -71,6 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import os
 import platform
 import re
@@ -397,22 +399,29 @@ def first_reach(grid: np.ndarray, mean: np.ndarray, threshold: float) -> float |
 
 def claim(runs: dict[str, list[dict]], better: str, worse: str, resamples: int = 10_000) -> str:
     """ "A more sample-efficient than B" as the mean difference in area under the success curve over A's and B's
-    seeds, with a 95% percentile bootstrap interval (seeds resampled with replacement within each algorithm)."""
+    seeds, with a 95% percentile bootstrap interval (seeds resampled with replacement within each algorithm) and a
+    two-sided exact permutation test (every split of the pooled seeds; a few seeds cannot reach a small p, and the
+    bootstrap interval is then too narrow: significant means p < 0.05)."""
     end = min(r["steps"][0][-1] for seeds in runs.values() for r in seeds)
     grid = np.linspace(0, end, 200)
     auc = {a: np.array([np.interp(grid, *r["steps"]).mean() for r in runs[a]]) for a in (better, worse)}
+    n, m = len(auc[better]), len(auc[worse])
     diff = auc[better].mean() - auc[worse].mean()
-    head = f"- {ALGOS[better][0]} - {ALGOS[worse][0]}: {diff:+.3f} ({len(auc[better])} vs {len(auc[worse])} seeds)"
-    if min(len(auc[better]), len(auc[worse])) < 2:
+    head = f"- {ALGOS[better][0]} - {ALGOS[worse][0]}: {diff:+.3f} ({n} vs {m} seeds)"
+    if min(n, m) < 2:
         return head + ": no interval with a single seed, so nothing can be called significant."
     rng = np.random.default_rng(0)
-    boot = [
-        rng.choice(auc[better], len(auc[better])).mean() - rng.choice(auc[worse], len(auc[worse])).mean()
-        for _ in range(resamples)
-    ]
+    boot = [rng.choice(auc[better], n).mean() - rng.choice(auc[worse], m).mean() for _ in range(resamples)]
     low, high = np.percentile(boot, [2.5, 97.5])
-    verdict = "the claim holds" if low > 0 else "reversed" if high < 0 else "a tie: not significant"
-    return head + f", 95% interval [{low:+.3f}, {high:+.3f}]: {verdict} at this budget."
+    pooled = np.concatenate([auc[better], auc[worse]])
+    splits = [np.isin(np.arange(n + m), c) for c in itertools.combinations(range(n + m), n)]
+    p = np.mean([abs(pooled[s].mean() - pooled[~s].mean()) >= abs(diff) - 1e-12 for s in splits])
+    smallest = (2 if n == m else 1) / len(splits)
+    verdict = "not significant" if p >= 0.05 else "significant: the claim holds" if diff > 0 else "significant: reversed"
+    return (
+        head + f", 95% bootstrap interval [{low:+.3f}, {high:+.3f}], exact permutation p = {p:.2f} (the smallest "
+        f"{n} vs {m} seeds allow: {smallest:.2f}): {verdict} at this budget."
+    )
 
 
 def cpu_name() -> str:
@@ -531,7 +540,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
             f"{ZERO_SHOT['sampled']:.2f} sampled, {ZERO_SHOT['greedy']:.2f} greedy | | | | | |"
         )
     lines += ["", "The paper's claims (Figure 2), as the difference in area under the success curve (the mean rolling",
-              "success over env steps 0 to the shortest run's end), 95% bootstrap interval over seeds:", ""]  # fmt: skip
+              "success over env steps 0 to the shortest run's end), over seeds:", ""]  # fmt: skip
     lines += [claim(runs, better, worse) for better, worse in CLAIMS if better in runs and worse in runs]
     import torch
 

@@ -1,0 +1,47 @@
+"""benchmarks/learning_curves.py's statement of the paper's claims, on hand-computed cases."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "learning_curves", Path(__file__).parents[1] / "benchmarks" / "learning_curves.py"
+)
+learning_curves = sys.modules["learning_curves"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+spec.loader.exec_module(learning_curves)
+
+
+def runs_of(**aucs: list[float]) -> dict:
+    """Runs whose success curve is flat at each given value: its area under the curve."""
+    return {algo: [{"steps": (np.array([0.0, 100.0]), np.array([v, v]))} for v in values] for algo, values in aucs.items()}
+
+
+def test_two_seeds_each_get_the_seed_range_interval_and_cannot_be_significant():
+    # Pooled AUCs 0.6 0.7 | 0.4 0.5: of the 6 splits into two pairs, 2 give |difference| >= 0.2, so p = 1/3, the
+    # smallest 2 vs 2 seeds allow. Each bootstrap mean is one seed's AUC (1/4 each) or both's: the interval spans
+    # the extreme seed pairs, 0.6 - 0.5 and 0.7 - 0.4.
+    text = learning_curves.claim(runs_of(sac_glam_her=[0.6, 0.7], sac_glam=[0.4, 0.5]), "sac_glam_her", "sac_glam")
+    assert text.startswith("- SAC-GLAM + HER - SAC-GLAM: +0.200 (2 vs 2 seeds)")
+    assert "interval [+0.100, +0.300]" in text
+    assert "p = 0.33 (the smallest 2 vs 2 seeds allow: 0.33): not significant" in text
+
+
+@pytest.mark.parametrize("sign, verdict", [(1, "significant: the claim holds"), (-1, "significant: reversed")])
+def test_four_seeds_each_fully_apart_are_significant_either_way(sign, verdict):
+    # 4 vs 4 with every AUC of one side above the other's: 2 of the C(8, 4) = 70 splits are as extreme, p = 0.029.
+    high, low = [0.6, 0.65, 0.7, 0.75], [0.3, 0.35, 0.4, 0.45]
+    runs = runs_of(sac_glam=high if sign > 0 else low, ppo_glam=low if sign > 0 else high)
+    text = learning_curves.claim(runs, "sac_glam", "ppo_glam")
+    assert f"{0.3 * sign:+.3f} (4 vs 4 seeds)" in text
+    assert f"p = 0.03 (the smallest 4 vs 4 seeds allow: 0.03): {verdict}" in text
+
+
+def test_overlapping_seeds_are_a_tie_and_one_seed_gets_no_interval():
+    # 0.5 0.7 | 0.6 0.8: the observed difference (-0.1) is matched or exceeded by 4 of the 6 splits.
+    text = learning_curves.claim(runs_of(sac_glam=[0.5, 0.7], ppo_glam=[0.6, 0.8]), "sac_glam", "ppo_glam")
+    assert "p = 0.67" in text and text.endswith("not significant at this budget.")
+    text = learning_curves.claim(runs_of(sac_glam=[0.5, 0.7], ppo_glam=[0.6]), "sac_glam", "ppo_glam")
+    assert text.endswith("(2 vs 1 seeds): no interval with a single seed, so nothing can be called significant.")
