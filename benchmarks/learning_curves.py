@@ -357,7 +357,9 @@ def run_log(work: Path, algo: str, seed: str) -> dict[str, str]:
     precision = "?" if start is None else (start.group(1) or "fp32 (no tag)").split(",")[0]
     commits = sorted(set(re.findall(r"^# (?:start|resume) at commit (\w+)", text, re.M)))
     machines = sorted(set(re.findall(r"^# (?:start|resume) at commit \w+, \d+ threads, (.+)$", text, re.M)))
+    threads = sorted(set(re.findall(r"^# (?:start|resume) at commit \w+, (\d+) threads", text, re.M)))
     return {
+        "threads": threads,
         "precision": precision,
         "commit": ", ".join(commits) or LOGGED_ELSEWHERE.get(f"{algo}_{seed}", "not logged"),
         "machine": "; ".join(machines) or XEON,  # every run before the machine was logged ran on that Xeon
@@ -458,7 +460,9 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
     else:
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
         kind_axes = {}
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    # The threads per run as its log says (--jobs of the call that drew this figure when no log says it).
+    logged = {t for seeds in runs.values() for run in seeds for t in run["threads"]}
+    threads = " or ".join(sorted(logged)) or str(max(1, (os.cpu_count() or 1) // args.jobs))
     rows = []
     for algo, seeds in runs.items():
         label, color = ALGOS[algo]
@@ -551,7 +555,8 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value"
         + (f" (per goal type: the mean of the last {per_kind_points} logged values)," if full else ","),
         "mean ± std over seeds (one seed: its value).",
-        f"Minutes are wall clock of one run on {threads} thread(s) (runs shared the machine {args.jobs} at a time; a resumed",
+        f"Minutes are wall clock of one run on {threads} thread(s) (runs shared the machine "
+        f"{max(1, (os.cpu_count() or 1) // int(threads)) if threads.isdigit() else 'one or more'} at a time; a resumed",
         "run's clock continues from its checkpoint).",
         f"{'Drawn on' if minutes is None else 'Run on'}: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
