@@ -49,7 +49,7 @@ value 0.5 on GLAM's clipped value loss, grad norm 0.5). Changed, and why (README
 
 --env full: the same tiny actor and settings on Figure 2's environment (Appendix A: 6 objects, all four goal
 types, 97.85% of training goals sequential, horizons up to 24 steps) for Figure 2's 400k env steps, one run at
-a time on every core (on 2 cores ~80 env steps/s for SAC, ~117 for PPO: 80-85 and ~60 min per run), in pieces of
+a time on every core (on 2 cores 55-95 env steps/s for SAC, 99-117 for PPO: 80-120 and ~60 min per run), in pieces of
 --max-minutes; one evaluation at the end of each run (training and held-out test goals, greedy and sampled).
 It writes docs/learning_curves_full.{png,md} from benchmarks/learning_curves_full_runs, with one
 panel per goal type (grasp and grow goals are 2% of training goals, so their curves average 20 log points).
