@@ -639,6 +639,11 @@ def load_llm(args: Args, device: torch.device, dtype: torch.dtype = torch.float3
     if args.lora_r > 0:
         if args.load_in_4bit:
             llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+            # On a CPU with avx512_bf16, bitsandbytes repacks 4-bit weights on their first no-grad pass (acting) for a
+            # kernel that passes no gradient back: the adapters below each 4-bit layer would stop learning.
+            for module in llm.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
         with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x: not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)

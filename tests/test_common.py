@@ -106,6 +106,28 @@ def test_cpu_bf16_autocast_matches_fp32_and_trains_fp32_parameters(name, family,
 
 
 @pytest.mark.parametrize("name", MODULES)
+def test_4bit_adapters_get_the_same_gradient_after_an_acting_pass(name, tiny_dirs, one_thread):
+    """--load-in-4bit on a CPU: acting (a no-grad pass) leaves the gradient of the next update unchanged, and it
+    reaches the adapters of the first layer. On a CPU with avx512_bf16, bitsandbytes repacks 4-bit weights on a
+    no-grad pass for a kernel without a backward, which would zero the gradient below each 4-bit layer."""
+    mod = MODULES[name]
+    args = mod.Args(model_id=tiny_dirs["llama"], lora_r=4, cuda=False, bf16=False, load_in_4bit=True)
+    states = [mod.State(*s) for s in bf16_states()]
+    grads = []
+    for act_first in (False, True):
+        torch.manual_seed(0)
+        llm, tok = mod.load_llm(args, CPU)
+        nonzero_lora(llm)
+        agent = make_agent(mod, args, llm, tok)
+        if act_first:
+            agent.policy_logp(states, 8)
+        agent(states)[0][:, 0].sum().backward()  # slot 0 holds an action in every state
+        grads.append({n: p.grad for n, p in llm.named_parameters() if "lora_" in n})
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert all(g.abs().sum() > 0 for n, g in grads[1].items() if "layers.0." in n)
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_bf16_applies_where_the_hardware_has_it(name, monkeypatch):
     """--bf16 (default) means bf16 on a GPU or on a CPU with avx512_bf16 / AMX, fp32 elsewhere; --no-bf16: fp32."""
     mod = MODULES[name]
