@@ -1,6 +1,6 @@
 """Tests of what the three scripts share (copied on purpose): each test runs against sac_glam.py,
 sac_glam_her.py and ppo_glam.py alike. Model loading in bf16 (fp32 trainable parameters), bf16 autocast on
-the CPU against fp32, the gradient
+the CPU against fp32, 4-bit adapters' gradients after acting, the gradient
 all-reduce with a parameter unused on one rank (2 gloo ranks), the stop-signal handling, the
 tokenization check, cache-free forward passes, and a quiet start without --load-in-4bit.
 """
