@@ -16,6 +16,7 @@ buffers; a batch draws --hindsight-ratio of its transitions from the relabeled o
 """
 
 import collections
+import contextlib
 import copy
 import functools
 import glob
@@ -109,7 +110,7 @@ class Args:
     alpha_lr: float = 2e-3
     """Adam learning rate of log(alpha) (Table 2: 2e-3)"""
     critic_warmup_updates: int = 250
-    """first gradient updates where only the critic MLP learns and the LLM does not move (Section 2.2)"""
+    """first gradient updates where only the critic learns (through the LLM with --critic-grad-llm); actor and alpha wait (Section 2.2)"""
     twin_q: bool = True
     """two Q heads, min over them in targets and actor loss (clipped double Q; paper: not given)"""
     tau: float = 0.005
@@ -118,6 +119,10 @@ class Args:
     """obs-action: one Q per prompt + action (Appendix B, best); obs: prompt only, one Q per action slot"""
     critic_grad_llm: bool = True
     """back-propagate the critic loss into the shared LLM (Appendix B, best) or into the MLP head only"""
+    separate_steps: bool = False
+    """a critic step (its own Adam), then an actor step (its own Adam over the LLM) on Q of the updated critic; off: one summed loss"""
+    target_llm: bool = False
+    """the target critic lags the LLM too: Polyak copies of the trained LLM weights beside the target Q heads"""
     critic_hidden: int = 1024
     """units of each of the two hidden layers of the critic MLP (Appendix C: 1024)"""
 
@@ -545,39 +550,56 @@ def soft_state_value(logp: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, a
     return (logp.exp() * (q.min(0).values - alpha * logp.masked_fill(~valid, 0.0))).sum(-1)
 
 
-def sac_losses(agent: Agent, batch: list[Transition], alpha: float, train_actor: bool, critic_grad: bool):
-    """Critic loss (n-step soft TD, Eq. 3), actor loss sum_a pi (alpha log pi - Q), and the entropy.
+@contextlib.contextmanager
+def swapped(params: list[torch.Tensor], values: list[torch.Tensor]):
+    """Run with `values` in place of the parameters' data (swapped, not copied), then swap them back."""
+    for p, v in zip(params, values):
+        p.data, v.data = v.data, p.data
+    try:
+        yield
+    finally:
+        for p, v in zip(params, values):
+            p.data, v.data = v.data, p.data
 
-    Actor and critic share the LLM (Appendix B): one forward pass gives both, and their losses are
-    summed, so the LoRA weights receive the actor gradient plus (if critic_grad) the critic's.
-    """
-    device = agent.device
-    ret = torch.tensor([t.ret for t in batch], device=device)
-    discount = torch.tensor([t.discount for t in batch], device=device)
-    # Eq. 3: y = sum_i gamma^i r_{t+i} + gamma^n V_target(s_{t+n}); terminated transitions need no next-state pass.
-    target = ret.clone()
+
+def td_target(agent: Agent, batch: list[Transition], alpha: float, llm_target=None) -> torch.Tensor:
+    """Eq. 3: y = sum_i gamma^i r_{t+i} + gamma^n V_target(s_{t+n}), pi(.|s_{t+n}) from the live actor and Q from the
+    target heads (on the target LLM weights llm_target = (params, values), if given); terminated: no next-state pass."""
+    target = torch.tensor([t.ret for t in batch], device=agent.device)
     boot = [i for i, t in enumerate(batch) if t.discount > 0]
     if boot:
+        next_states = [batch[i].next_state for i in boot]
         with torch.no_grad():
-            logp_next, _, features_next, valid_next = agent([batch[i].next_state for i in boot])
+            logp_next, _, features_next, valid_next = agent(next_states)
+            if llm_target is not None:
+                with swapped(*llm_target):
+                    features_next = agent(next_states)[2]
             q_next = agent.q_values(agent.qf_target, features_next, valid_next)
-            target[boot] += discount[boot] * soft_state_value(logp_next, q_next, valid_next, alpha)
+            discount = torch.tensor([batch[i].discount for i in boot], device=agent.device)
+            target[boot] += discount * soft_state_value(logp_next, q_next, valid_next, alpha)
+    return target
 
-    logp, q, _, valid = agent([t.state for t in batch], llm_grad=train_actor or critic_grad, critic_grad=critic_grad)
-    actions = torch.tensor([t.action for t in batch], device=device)
-    q_taken = q[:, torch.arange(len(batch), device=device), actions]
-    qf_loss = sum(F.mse_loss(q_i, target) for q_i in q_taken)
-    # pi = 0 on padded slots; their log pi (-inf) is zeroed so that 0 * -inf never makes a NaN gradient.
+
+def actor_loss_and_entropy(logp: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, alpha: float):
+    """Discrete SAC's actor loss (Christodoulou 2019), the exact expectation E_a~pi[alpha log pi - min_i Q_i], and H."""
     pi = logp.exp()
-    logp = logp.masked_fill(~valid, 0.0)
-    entropy = -(pi * logp).sum(-1)
-    # Discrete SAC's actor loss (Christodoulou 2019): the exact expectation over actions, E_a~pi[alpha log pi - Q].
-    actor_loss = (pi * (alpha * logp - q.detach().min(0).values)).sum(-1).mean()
-    loss = qf_loss + (actor_loss if train_actor else 0.0)
+    logp = logp.masked_fill(~valid, 0.0)  # pi = 0 on padded slots: zeroed so that 0 * -inf never makes a NaN gradient
+    return (pi * (alpha * logp - q.detach().min(0).values)).sum(-1).mean(), -(pi * logp).sum(-1)
+
+
+def sac_losses(agent: Agent, batch: list[Transition], alpha: float, llm_grad: bool, critic_grad: bool, llm_target=None):
+    """Critic loss (n-step soft TD, Eq. 3) and actor loss of one batch, from one pass of the shared LLM (Appendix B).
+    llm_grad=False keeps no graph through the LLM; critic_grad=False stops the critic loss at the MLP heads."""
+    target = td_target(agent, batch, alpha, llm_target)
+    logp, q, _, valid = agent([t.state for t in batch], llm_grad=llm_grad, critic_grad=critic_grad)
+    actions = torch.tensor([t.action for t in batch], device=agent.device)
+    q_taken = q[:, torch.arange(len(batch), device=agent.device), actions]
+    qf_loss = sum(F.mse_loss(q_i, target) for q_i in q_taken)
+    actor_loss, entropy = actor_loss_and_entropy(logp, q, valid, alpha)
     # Statistics stay tensors until logging: an .item() per chunk would wait for the GPU every time.
     stats = {"qf_loss": qf_loss.detach(), "actor_loss": actor_loss.detach(), "entropy": entropy.detach().mean()}
     stats.update({f"qf{i + 1}_values": q_i.detach().mean() for i, q_i in enumerate(q_taken)})
-    return loss, entropy.detach(), stats
+    return qf_loss, actor_loss, entropy.detach(), stats
 
 
 # Model loading: the offline default, local directories and hub ids, LoRA and 4-bit ---------------------------------------
@@ -944,7 +966,16 @@ if __name__ == "__main__":
     llm, tokenizer = load_llm(args, device, torch.bfloat16 if use_bf16(args, device) else torch.float32)
     agent = Agent(llm, tokenizer, args, max_actions=args.num_objects + 1, device=device)
     llm_params, q_params = [p for p in agent.llm.parameters() if p.requires_grad], list(agent.qf.parameters())
-    optimizer = torch.optim.Adam([{"params": llm_params, "lr": args.policy_lr}, {"params": q_params, "lr": args.q_lr}])
+    # The critic trains its heads and, with --critic-grad-llm, the shared LLM (Appendix B); the actor trains the LLM.
+    critic_params = q_params + (llm_params if args.critic_grad_llm else [])
+    if args.separate_steps:  # SAC's two steps, each with its own Adam (the adapters get both with --critic-grad-llm)
+        optimizer = torch.optim.Adam(critic_params, lr=args.q_lr)
+        actor_optimizer = torch.optim.Adam(llm_params, lr=args.policy_lr)
+    else:  # one summed loss, one Adam
+        optimizer = torch.optim.Adam([{"params": llm_params, "lr": args.policy_lr}, {"params": q_params, "lr": args.q_lr}])
+        actor_optimizer = None
+    # The target critic: Polyak copies of the Q heads and, with --target-llm, of the trained LLM weights.
+    llm_target = (llm_params, [p.detach().clone() for p in llm_params]) if args.target_llm else None
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
 
@@ -963,6 +994,11 @@ if __name__ == "__main__":
     if checkpoint:  # continue exactly where the checkpointed run was
         load_trainable(agent, checkpoint["trainable"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if actor_optimizer:
+            actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
+        if llm_target:
+            for t, saved in zip(llm_target[1], checkpoint["llm_target"]):
+                t.copy_(saved)
         a_optimizer.load_state_dict(checkpoint["a_optimizer"])
         log_alpha.data.copy_(checkpoint["log_alpha"])
         window.extend(checkpoint["window"])
@@ -1022,26 +1058,40 @@ if __name__ == "__main__":
         # rank must take the same decision (an update holds collectives): all buffers must hold data.
         updates_before = updates
         if global_step >= args.learning_starts and global_step % args.update_frequency == 0 and min(gather(len(rb))) > 0:
+            learn_start = time.time()
             for _ in range(args.gradient_updates):
-                warmup = updates < args.critic_warmup_updates  # Section 2.2: only the critic MLP learns
+                warmup = updates < args.critic_warmup_updates  # Section 2.2: only the critic learns, the actor waits
                 alpha = log_alpha.detach().exp()
                 # Section 2.3, Appendix E: a fixed share of relabeled transitions (Table 3: 0.5), all real while HER is empty.
                 batch_her = round(args.batch_size // world * args.hindsight_ratio) if len(her) else 0
                 batch = rb.sample(args.batch_size // world - batch_her, rng) + her.sample(batch_her, rng)
-                # Critic and actor: one loss on the shared LLM (Eq. 3, Appendix B), in chunks that fit in memory.
+                chunks = [batch[c : c + args.update_chunk_size] for c in range(0, len(batch), args.update_chunk_size)]
+                # Critic (Eq. 3) and, unless separate or in the warm-up, actor: one loss on the shared LLM, in chunks.
+                summed = not args.separate_steps and not warmup
                 optimizer.zero_grad(set_to_none=True)
                 entropies, stats = [], collections.defaultdict(float)
-                for c in range(0, len(batch), args.update_chunk_size):
-                    chunk = batch[c : c + args.update_chunk_size]
-                    loss, entropy, chunk_stats = sac_losses(
-                        agent, chunk, alpha, not warmup, args.critic_grad_llm and not warmup
+                for chunk in chunks:
+                    qf_loss, actor_loss, entropy, chunk_stats = sac_losses(
+                        agent, chunk, alpha, summed or args.critic_grad_llm, args.critic_grad_llm, llm_target
                     )
-                    (loss * len(chunk) / len(batch)).backward()
+                    ((qf_loss + actor_loss if summed else qf_loss) * len(chunk) / len(batch)).backward()
                     entropies.append(entropy)
                     for k, v in chunk_stats.items():
                         stats[k] += v * len(chunk) / len(batch)
-                all_reduce_gradients(q_params + (llm_params if not warmup else []), average=True)
+                all_reduce_gradients(q_params + llm_params if summed else critic_params, average=True)
                 optimizer.step()
+                if args.separate_steps and not warmup:  # actor: its own step, on Q of the critic just updated
+                    actor_optimizer.zero_grad(set_to_none=True)
+                    entropies, stats["actor_loss"] = [], 0.0
+                    for chunk in chunks:
+                        logp, q, _, valid = agent([t.state for t in chunk])
+                        actor_loss, entropy = actor_loss_and_entropy(logp, q, valid, alpha)
+                        (actor_loss * len(chunk) / len(batch)).backward()
+                        entropies.append(entropy.detach())
+                        stats["actor_loss"] += actor_loss.detach() * len(chunk) / len(batch)
+                    stats["entropy"] = torch.cat(entropies).mean()
+                    all_reduce_gradients(llm_params, average=True)
+                    actor_optimizer.step()
                 # Entropy coefficient (discrete SAC, Christodoulou 2019): d(alpha_loss)/d(alpha) = H - target, so alpha falls
                 # while the policy is more random than the target entropy.
                 if args.autotune and not warmup:
@@ -1050,10 +1100,13 @@ if __name__ == "__main__":
                     alpha_loss.backward()
                     all_reduce_gradients([log_alpha], average=True)
                     a_optimizer.step()
-                with torch.no_grad():  # target Q heads: Polyak averaging
+                with torch.no_grad():  # target critic: Polyak averaging
                     for p, p_target in zip(agent.qf.parameters(), agent.qf_target.parameters()):
                         p_target.lerp_(p, args.tau)
+                    for p, p_target in zip(*(llm_target or ([], []))):
+                        p_target.lerp_(p, args.tau)
                 updates += 1
+            update_seconds = (time.time() - learn_start) / args.gradient_updates
 
         # Log: episodes of all ranks, rank 0's losses, the relabeled share of the buffers and the batch (Figure 7).
         if global_step % args.log_frequency < args.num_envs:
@@ -1067,6 +1120,7 @@ if __name__ == "__main__":
                 scalars["charts/her_buffer_share"] = n_her / max(n_env + n_her, 1)
                 if stats:
                     scalars["losses/alpha"] = log_alpha.exp().item()
+                    scalars["charts/seconds_per_update"] = update_seconds
                     scalars["charts/her_batch_share"] = n_batch_her / args.batch_size
                 if episodes:
                     scalars["charts/hindsight_goals_per_episode"] = n_goals / len(episodes)
@@ -1074,6 +1128,7 @@ if __name__ == "__main__":
                     "collecting" if not updates else "critic warm-up" if updates < args.critic_warmup_updates else "training"
                 )
                 shown = f"{phase} | qf_loss {float(stats.get('qf_loss', math.nan)):.4f} | alpha {log_alpha.exp().item():.4g}"
+                shown += f" | {update_seconds:.2f} s/update" if stats else ""
                 log_progress(writer, window, start, global_step, args, updates, scalars, shown)
 
         # Evaluate: greedy and sampled, on training and held-out test goals. A stop request skips or interrupts it.
@@ -1098,6 +1153,8 @@ if __name__ == "__main__":
                     args=asdict(args), run_name=run_name, world_size=world, global_step=global_step, updates=updates,
                     elapsed=time.time() - start, trainable=trainable_state(agent), optimizer=optimizer.state_dict(),
                     a_optimizer=a_optimizer.state_dict(), log_alpha=log_alpha.detach().cpu(), window=list(window), ranks=ranks,
+                    actor_optimizer=actor_optimizer.state_dict() if actor_optimizer else None,
+                    llm_target=[t.cpu() for t in llm_target[1]] if llm_target else None,
                 )  # fmt: skip
                 save_checkpoint(os.path.join(args.checkpoint_dir, run_name), checkpoint, agent.llm if args.lora_r else None)
             stopper.saving = False

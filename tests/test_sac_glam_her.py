@@ -344,8 +344,8 @@ def test_end_to_end_one_process_relabels_with_training_goals_only(runs):
     (mine,) = ranks_of(run.checkpoint())
     goals = {t.state.goal for t in mine["her"].data}
     assert goals and goals <= set(pt.all_goals("train", ("grasp", "grow")))
-    # Default --bf16: bf16 exactly where this CPU computes it natively, the trained parameters fp32 either way.
-    precision = "bf16" if sgh.use_bf16(sgh.Args(), torch.device("cpu")) else "fp32"
+    # Default --bf16: bf16 exactly where this CPU computes it natively (else fp32, said so), trained parameters fp32.
+    precision = "bf16" if sgh.use_bf16(sgh.Args(), torch.device("cpu")) else "fp32, no native bf16 here"
     assert f"(decoder-only, {precision}) on cpu" in run.stdout.splitlines()[0]
     trainable = rank_states(run, 1)[0]["trainable"]
     assert trainable and {t.dtype for t in trainable.values()} == {torch.float32}

@@ -1,0 +1,177 @@
+"""SAC-GLAM's update, variant by variant: which of the authors' choices stop the collapse after the critic warm-up?
+
+    python benchmarks/sac_update.py --variants separate --seeds 2      # run (or resume) pieces, one run at a time
+    python benchmarks/sac_update.py --plot-only                        # the table from the logs so far
+
+sac_glam.py on the pretrained SmolLM2 actor with benchmarks/learning_curves.py's --actor smollm2 settings (the
+simplified env of Appendix B, batch 64, 1 gradient update per 32 env steps, a 125-update critic warm-up, Table 2's
+alpha 0.005, the collapse case), to --steps env steps, one run at a time on every core, in resumable pieces of
+--max-minutes (SIGTERM: the script saves; the next call resumes). Each variant adds flags on top of the scripts'
+defaults; "today" is the update before the warm-up trained the LLM: its runs are learning_curves.py's committed
+SmolLM2 SAC-GLAM seeds (benchmarks/learning_curves_smollm2_runs), cut at --steps. The table (docs/sac_update.md)
+gives per run: area under the rolling success curve, success at the end and its lowest value after the warm-up,
+the policy's lowest entropy after the warm-up, Q of the taken actions at the end of the warm-up and at the end,
+qf_loss over the last 2,048 env steps, and seconds per gradient update (median, warm-up and after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning_curves as lc  # noqa: E402
+
+# variant -> (what it changes, flags added to learning_curves.py's SmolLM2 command). Cumulative, in this order.
+VARIANTS = {
+    "today": ("warm-up trains the critic heads only; one summed step; target heads on the live LLM", None),
+    "warmup_llm": ("+ the warm-up trains the critic through the LLM (Section 2.2, Appendix B)", []),
+    "separate": ("+ separate critic and actor steps, each its own Adam", ["--separate-steps"]),
+    "target_llm": ("+ the target critic lags the LLM too (target adapters)", ["--separate-steps", "--target-llm"]),
+}
+TODAY_RUNS = lc.ROOT / "benchmarks" / "learning_curves_smollm2_runs"
+
+
+@dataclasses.dataclass
+class Args:
+    variants: tuple[str, ...] = ("warmup_llm", "separate", "target_llm")
+    """variants to run in this call (the table shows every variant with logs)"""
+    seeds: tuple[int, ...] = (2,)
+    """seeds to run in this call"""
+    steps: int = 10_240
+    """env steps per run (the collapse is at 7-9k env steps)"""
+    max_minutes: float = 110.0
+    """wall clock of this call: then the running run is stopped with SIGTERM (checkpoint) and resumes next call"""
+    work_dir: str = str(lc.ROOT / "benchmarks" / "sac_update_runs")
+    """logs/, runs/ (TensorBoard), checkpoints/, done/"""
+    table: str = str(lc.ROOT / "docs" / "sac_update.md")
+    """output Markdown table"""
+    plot_only: bool = False
+    """skip the runs: write the table from the logs in --work-dir"""
+
+
+ROW_KEYS = (
+    "reached",
+    "area",
+    "end",
+    "lowest after warm-up",
+    "lowest entropy after warm-up",
+    "Q warm-up end",
+    "Q end",
+    "qf_loss last 2k",
+    "s/update warm-up",
+    "s/update after",
+)
+
+
+def run(args: Args, work: Path):
+    """Each selected (variant, seed) not done yet, one at a time, resumed from its checkpoint if it has one."""
+    for sub in ("logs", "done"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    threads = str(os.cpu_count() or 1)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    deadline = time.time() + args.max_minutes * 60
+    for seed in args.seeds:
+        for name in args.variants:
+            if VARIANTS[name][1] is None or (work / "done" / f"{name}_{seed}").exists():
+                continue
+            cmd = lc.command("sac_glam", seed, args.steps, "", lc.Args(actor="smollm2")) + VARIANTS[name][1]
+            cmd[cmd.index("--exp-name") + 1] = f"sac_glam_{name}"
+            found = sorted(glob.glob(str(work / "checkpoints" / f"PlaygroundText__sac_glam_{name}__{seed}__*")))
+            cmd += ["--resume", found[-1]] if found else []
+            with open(work / "logs" / f"{name}_{seed}.log", "a") as out:
+                out.write(f"# {'resume' if found else 'start'} at commit {lc.COMMIT}, {threads} threads, {lc.cpu_name()}\n")
+                out.flush()
+                lc.log(f"{'resumed' if found else 'started'} {name} seed {seed}")
+                proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+                while proc.poll() is None:
+                    time.sleep(2)
+                    if time.time() > deadline:
+                        proc.send_signal(signal.SIGTERM)
+                        proc.wait()
+                        lc.log(f"--max-minutes reached: paused {name} seed {seed} (run again to resume)")
+                        return
+            if proc.returncode != 0:
+                sys.exit(f"error: {name} seed {seed} failed (exit {proc.returncode}); see {work}/logs/")
+            (work / "done" / f"{name}_{seed}").touch()
+            lc.log(f"done {name} seed {seed}")
+
+
+def summary(run_dir: str, steps: int, warmup_end: int) -> dict[str, str]:
+    """One run's row, from its TensorBoard events cut at `steps` env steps."""
+
+    def cut(tag: str) -> tuple[np.ndarray, np.ndarray]:
+        x, y = lc.scalars(run_dir, tag)
+        return x[x <= steps], y[x <= steps]
+
+    x, success = cut("charts/success_rate")
+    grid = np.linspace(0, steps, 200)
+    after = x > warmup_end
+    ex, entropy = cut("losses/entropy")
+    qx, q = cut("losses/qf1_values")
+    lx, qf_loss = cut("losses/qf_loss")
+    sx, sec = cut("charts/seconds_per_update")
+
+    def q_at(step: float) -> str:
+        return f"{q[np.searchsorted(qx, step)]:.3f}" if len(q) and qx[-1] >= step else "-"
+
+    def median(mask) -> str:
+        return f"{np.median(sec[mask]):.1f}" if len(sec) and mask.any() else "not logged"
+
+    return {
+        "reached": f"{int(x[-1]):,}",
+        "area": f"{np.interp(grid, x, success).mean():.3f}" if x[-1] >= steps else "-",
+        "end": f"{success[-1]:.2f}",
+        "lowest after warm-up": f"{success[after].min():.2f}" if after.any() else "-",
+        "lowest entropy after warm-up": f"{entropy[ex > warmup_end].min():.2f}" if (ex > warmup_end).any() else "-",
+        "Q warm-up end": q_at(warmup_end),
+        "Q end": f"{q[-1]:.3f}" if len(q) else "-",
+        "qf_loss last 2k": f"{qf_loss[lx > x[-1] - 2048].mean():.4f}" if len(qf_loss) else "-",
+        "s/update warm-up": median(sx <= warmup_end) if len(sx) else "not logged",
+        "s/update after": median(sx > warmup_end) if len(sx) else "not logged",
+    }
+
+
+def write_table(args: Args, work: Path):
+    warmup_end = 2048 + 125 * 32  # learning starts + 125 updates, one per 32 env steps
+    lines = [
+        f"| variant | seed | {' | '.join(ROW_KEYS)} | commit | machine |",
+        "|---|---|" + "---|" * len(ROW_KEYS) + "---|---|",
+    ]
+    for name, (what, _) in VARIANTS.items():
+        base, algo = (TODAY_RUNS, "sac_glam") if name == "today" else (work, f"sac_glam_{name}")
+        for run_dir in sorted(glob.glob(str(base / "runs" / f"PlaygroundText__{algo}__*"))):
+            seed = Path(run_dir).name.split("__")[2]
+            row = summary(run_dir, args.steps, warmup_end)
+            info = lc.run_log(base, "sac_glam" if name == "today" else name, seed)
+            lines.append(
+                f"| {name} | {seed} | {' | '.join(row[k] for k in ROW_KEYS)} | {info['commit']} | {info['machine']} |"
+            )
+    legend = "\n".join(f"- **{name}**: {what}" for name, (what, _) in VARIANTS.items())
+    text = (
+        f"SAC-GLAM's update, variant by variant (benchmarks/sac_update.py): SmolLM2, simplified env, alpha 0.005, "
+        f"batch 64, 125-update warm-up ending at {warmup_end:,} env steps, cut at {args.steps:,} env steps.\n\n"
+        f"{legend}\n\n" + "\n".join(lines) + "\n"
+    )
+    Path(args.table).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"error: unknown --variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    work = Path(args.work_dir)
+    if not args.plot_only:
+        run(args, work)
+    write_table(args, work)
