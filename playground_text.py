@@ -14,7 +14,9 @@ Pure Python and fast (see benchmarks/env_throughput.py): env time must stay negl
 
 from __future__ import annotations
 
+import functools
 import random
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -287,6 +289,7 @@ class PlaygroundText:
         truncated = not terminated and self._t >= self.horizon
         self._over = terminated or truncated
         info = {"goal": self.goal, "possible_actions": self._possible_actions(), "achieved_goals": achieved}
+        info["success"] = terminated  # the goal reached: the only way an episode terminates here
         return self._observation(), float(terminated), terminated, truncated, info
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -421,6 +424,15 @@ class SyncVecPlaygroundText:
         _check_seed(seed)
         self.num_envs, self.first_index, self.stream = num_envs, first_index, stream
         self.envs = [PlaygroundText(seed=self._seed(seed, i), **env_kwargs) for i in range(num_envs)]
+        self.max_actions = self.envs[0].num_objects + 1  # a "Go to" per object and Grasp or Release
+
+    @functools.cached_property
+    def _training_goals(self) -> frozenset[str]:
+        return frozenset(all_goals("train", self.envs[0].goal_types))
+
+    def relabels(self, goal: str) -> bool:
+        """Whether HER may relabel with this goal: a training goal of these envs' goal types (no held-out one)."""
+        return goal in self._training_goals
 
     def _seed(self, seed: int | None, i: int) -> int | None:
         return None if seed is None else env_seed(seed, self.first_index + i, self.stream)
@@ -461,3 +473,26 @@ class SyncVecPlaygroundText:
             observations.append(obs)
             infos.append(info)
         return observations, rewards, terminated, truncated, infos
+
+
+# --------------------------------------------------------------------------------------------------
+# What the training scripts use (docs/adapting.md): the run name, the options, the vector env
+# --------------------------------------------------------------------------------------------------
+NAME = "PlaygroundText"
+
+
+@dataclass
+class Options:
+    """The env's options: the training scripts take them as flags (--num-objects, --goal-types) and pass them on."""
+
+    num_objects: int = 6
+    """objects per scene (Appendix A: 6; the simplified env of Appendix B: 3)"""
+    goal_types: tuple[str, ...] = GOAL_TYPES
+    """goal types to train on (the simplified env of Appendix B: grasp grow)"""
+
+
+def vector_env(
+    num_envs: int, seed: int | None, first_index: int = 0, split: str = "train", stream: int = 0, **options
+) -> SyncVecPlaygroundText:
+    """The training scripts' envs: num_envs envs of a split, with Options' fields as keyword arguments."""
+    return SyncVecPlaygroundText(num_envs, seed, first_index, stream, split=split, **options)

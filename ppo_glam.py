@@ -2,9 +2,8 @@
 
 The policy is the LLM itself (Eq. 1-2): pi(a | o, g) is a softmax over the possible actions of the log-probability
 of each action's tokens after the prompt. The value V(o, g) is an MLP on the LLM's hidden state of the prompt,
-sharing the LLM with the policy (GLAM's value head). Training is CleanRL-style PPO (clipped surrogate, GAE over each
-env's trajectory, per-minibatch advantage normalisation) with GLAM's clipped value loss and Adam epsilon, and the
-hyperparameters of Table 1.
+sharing the LLM with the policy (GLAM's value head). Training is PPO as GLAM's code runs it (clipped surrogate, GAE
+over each env's trajectory, raw advantages, clipped value loss, Adam epsilon 1e-5) with the hyperparameters of Table 1.
 
 Data parallel, the update is the single-process one: each rank steps its share of the envs, the actions of all envs
 are drawn from one rng in the same state on every rank, minibatches are slices of one permutation of the global
@@ -27,8 +26,8 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal, NamedTuple
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-import playground_text as pt
+import playground_text as textenv  # the environment: another text env module can replace it (docs/adapting.md)
 
 
 @dataclass
@@ -73,10 +72,8 @@ class Args:
     # Environment
     num_envs: int = 32
     """parallel envs over all ranks (Appendix C: 32)"""
-    num_objects: int = 6
-    """objects per scene (Appendix A: 6; the simplified env of Appendix B: 3)"""
-    goal_types: tuple[str, ...] = pt.GOAL_TYPES
-    """goal types to train on (the simplified env of Appendix B: grasp grow)"""
+    env: Annotated[textenv.Options, tyro.conf.OmitArgPrefixes] = field(default_factory=textenv.Options)
+    """the env module's own options, passed to it as they are"""
 
     # Algorithm (Table 1)
     total_timesteps: int | None = None
@@ -99,8 +96,8 @@ class Args:
     """PPO clipping parameter epsilon (Table 1: 0.2); also the value clipping range with --clip-vloss"""
     clip_vloss: bool = True
     """clip the value change to +-clip_coef around the rollout's value, as GLAM's PPO does (off: plain (V - return)^2)"""
-    norm_adv: bool = True
-    """normalise the advantages per minibatch (mean and std of the global minibatch, over all ranks)"""
+    norm_adv: bool = False
+    """normalise the advantages per minibatch (global mean and std over all ranks; CleanRL's option, GLAM's PPO does not)"""
     ent_coef: float = 0.01
     """entropy bonus coefficient (Table 1: 0.01)"""
     vf_coef: float = 0.5
@@ -193,7 +190,6 @@ class Agent(nn.Module):
         self.action_ids = functools.lru_cache(maxsize=None)(self.action_ids)
         self.prompt_ids = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.prompt_ids)
         self.action_block = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.action_block)
-        self.check_tokenization()
 
     def forward(self, states: list[State]):
         """Log pi(.|s) over each state's actions (Eq. 1-2), -inf on padded slots, V(s) and the valid slots, from one
@@ -239,7 +235,7 @@ class Agent(nn.Module):
 
     def render(self, goal: str, observation: str) -> str:
         """The prompt text: Figure 3's, or that as the user turn of the chat template (--chat-template)."""
-        prompt = pt.format_prompt(goal, observation)
+        prompt = textenv.format_prompt(goal, observation)
         if not self.chat_template:
             return prompt
         return self.tokenizer.apply_chat_template(
@@ -261,30 +257,31 @@ class Agent(nn.Module):
         ids = tok(text, add_special_tokens=False).input_ids
         return tuple(ids + [tok.eos_token_id] if self.action_end == "eos" else ids)
 
-    def check_tokenization(self):
+    def check_tokenization(self, states: list[State]):
         """Eq. 1 scores an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
         as the prompt's tokens then the action's (a SentencePiece tokenizer may add a lone space token instead), and
-        the newline of --action-end newline must be a token of its own."""
+        the newline of --action-end newline must be a token of its own. Checked on the env's first states."""
         if self.encoder_decoder:  # the decoder reads the action alone, as T5 reads its targets
             return
-        obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
-        prompt = self.render(info["goal"], obs)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.chat_template).input_ids
-        for action in info["possible_actions"] + ["Grasp", "Release"]:
-            text = (action if self.chat_template else " " + action) + ("\n" if self.action_end == "newline" else "")
-            joint = self.tokenizer(prompt + text, add_special_tokens=not self.chat_template).input_ids
-            apart = prompt_ids + list(self.action_ids(action))[: -1 if self.action_end == "eos" else None]
-            if joint != apart:
-                fail(
-                    f"the tokenizer splits prompt + action differently from the prompt, then the action: "
-                    f"{self.tokenizer.convert_ids_to_tokens(joint[len(prompt_ids) - 2 :])} vs "
-                    f"{self.tokenizer.convert_ids_to_tokens(apart[len(prompt_ids) - 2 :])} for {action!r}, so Eq. 1 would "
-                    "score tokens the model never reads. Use a model whose tokenizer does not add a lone space token "
-                    "(for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
-                )
-        bare = tuple(self.tokenizer("Grasp" if self.chat_template else " Grasp", add_special_tokens=False).input_ids)
-        grasp = self.action_ids("Grasp")
-        if self.action_end == "newline" and (len(grasp) <= len(bare) or grasp[: len(bare)] != bare):
+        for state in states:
+            prompt = self.render(state.goal, state.observation)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.chat_template).input_ids
+            for action in state.actions:
+                text = (action if self.chat_template else " " + action) + ("\n" if self.action_end == "newline" else "")
+                joint = self.tokenizer(prompt + text, add_special_tokens=not self.chat_template).input_ids
+                apart = prompt_ids + list(self.action_ids(action))[: -1 if self.action_end == "eos" else None]
+                if joint != apart:
+                    fail(
+                        f"the tokenizer splits prompt + action differently from the prompt, then the action: "
+                        f"{self.tokenizer.convert_ids_to_tokens(joint[len(prompt_ids) - 2 :])} vs "
+                        f"{self.tokenizer.convert_ids_to_tokens(apart[len(prompt_ids) - 2 :])} for {action!r}, so Eq. 1 "
+                        "would score tokens the model never reads. Use a model whose tokenizer does not add a lone space "
+                        "token (for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
+                    )
+        action = states[0].actions[0]
+        bare = tuple(self.tokenizer(action if self.chat_template else " " + action, add_special_tokens=False).input_ids)
+        ids = self.action_ids(action)
+        if self.action_end == "newline" and (len(ids) <= len(bare) or ids[: len(bare)] != bare):
             fail("--action-end newline: this tokenizer has no token for the newline after an action; use eos or none")
 
     def action_block(self, actions: tuple[str, ...]) -> ActionBlock:
@@ -673,14 +670,16 @@ def sample_actions(
     return (cdf < u).sum(-1)
 
 
-def make_envs(args: Args, n: int, first: int, **kwargs) -> pt.SyncVecPlaygroundText:
-    """n envs, seeded as envs first..first+n-1 of the run (the env checks goal types and object counts, naming the fix)."""
+def make_envs(args: Args, n: int, first: int, **kwargs):
+    """n envs, seeded as envs first..first+n-1 of the run (the env checks its options, naming the fix)."""
     try:
-        return pt.SyncVecPlaygroundText(
-            n, args.seed, first, num_objects=args.num_objects, goal_types=args.goal_types, **kwargs
-        )
+        return textenv.vector_env(n, args.seed, first, **kwargs, **asdict(args.env))
     except ValueError as err:
         fail(str(err))
+
+
+def states_of(observations: list[str], infos: list[dict]) -> list[State]:
+    return [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(observations, infos)]
 
 
 def evaluate(
@@ -705,13 +704,14 @@ def evaluate(
             break
         if done:
             continue
-        states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        states = states_of(obs, infos)
         actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng, greedy)
         obs, _, terminated, truncated, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
         lengths += 1
         for i in np.flatnonzero(terminated | truncated):
             if len(results[i]) < quota:
-                results[i].append((bool(terminated[i]), int(lengths[i]), pt.goal_type(states[i].goal)))
+                success = infos[i]["final_info"]["success"]
+                results[i].append((bool(success), int(lengths[i]), textenv.goal_type(states[i].goal)))
             lengths[i] = 0
     return [r for env_results in results for r in env_results]
 
@@ -720,9 +720,10 @@ def evaluate_all(agent: Agent, args: Args, rank: int, world: int, stopper, write
     """Success rate and episode length on training and held-out test goals, greedy and sampled, and one greedy
     episode's transcript, logged by rank 0; nothing when a stop request interrupts it."""
     if rank == 0 and not stopper.requested:
-        print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled", flush=True)
+        splits = "/".join(textenv.SPLITS)
+        print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x {splits} x greedy/sampled", flush=True)
     rates = {}
-    for split in ("train", "test"):
+    for split in textenv.SPLITS:
         for mode in ("greedy", "sampled"):
             episodes = gather(evaluate(agent, args, split, mode == "greedy", rank, world, stopper))
             if None in episodes:
@@ -739,20 +740,21 @@ def evaluate_all(agent: Agent, args: Args, rank: int, world: int, stopper, write
 def transcript(agent: Agent, args: Args, split: str) -> str:
     """One greedy episode on a fresh env, as text: each prompt, each action's probability and the state's value V, the
     action taken (>) and the reward."""
-    env = pt.PlaygroundText(num_objects=args.num_objects, goal_types=args.goal_types, split=split, seed=args.seed)
-    obs, info = env.reset()
+    envs = make_envs(args, 1, 0, stream=2, split=split)
+    obs, infos = envs.reset()
     lines = []
     done = False
     while not done:
-        state = State(info["goal"], obs, tuple(info["possible_actions"]))
+        (state,) = states_of(obs, infos)
         with torch.inference_mode():
             logp, value, _ = agent([state])
         taken = int(logp[0].argmax())
         lines.append(f"{agent.render(state.goal, state.observation)}   (V {value[0]:+.3f})")
         lines += [f"  {'>' if k == taken else ' '} pi {logp[0, k].exp():.3f}  {a}" for k, a in enumerate(state.actions)]
-        obs, reward, terminated, truncated, info = env.step(state.actions[taken])
-        done = terminated or truncated
-        lines.append(f"  reward {reward:g}" + (" (goal reached)" if terminated else " (time limit)" if truncated else ""))
+        obs, rewards, terminated, truncated, infos = envs.step([state.actions[taken]])
+        done = terminated[0] or truncated[0]
+        success = done and infos[0]["final_info"]["success"]
+        lines.append(f"  reward {rewards[0]:g}" + (" (goal reached)" if success else " (episode over)" if done else ""))
     return "\n".join(lines)
 
 
@@ -773,7 +775,8 @@ def check_args(args: Args, world: int):
         fail(f"--num-envs {args.num_envs} must be a positive multiple of the {world} processes")
     if args.minibatch_size < 1 or batch_size % args.minibatch_size:
         fail(
-            f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout (--num-envs x --num-steps)"
+            f"--minibatch-size {args.minibatch_size} must divide the {batch_size} transitions of a rollout "
+            "(--num-envs x --num-steps)"
         )
     if args.minibatch_size % world:
         fail(f"--minibatch-size {args.minibatch_size} must be divisible by the {world} processes")
@@ -806,11 +809,13 @@ def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
         fail(f"--resume {args.resume!r}: written by another script or version ({checkpoint['args'].get('exp_name')})")
     if checkpoint["world_size"] != world:
         fail(
-            f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
+            f"this checkpoint was written by {checkpoint['world_size']} processes: "
+            "resume it with as many (torchrun --nproc_per_node)"
         )
     total = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
     total = checkpoint["global_step"] if args.eval_only else total  # --eval-only: not one step further
-    return replace(Args(**checkpoint["args"]), total_timesteps=total, resume=args.resume, eval_only=args.eval_only), checkpoint
+    saved = Args(**{**checkpoint["args"], "env": textenv.Options(**checkpoint["args"]["env"])})
+    return replace(saved, total_timesteps=total, resume=args.resume, eval_only=args.eval_only), checkpoint
 
 
 def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
@@ -877,7 +882,7 @@ def log_progress(writer, window, start: float, global_step: int, args: Args, upd
         writer.add_scalar("charts/success_rate", success, global_step)
         writer.add_scalar("charts/success_rate_vs_seconds", success, int(wall))  # Figure 2, right
         writer.add_scalar("charts/episodic_length", float(np.mean([n for _, n, _ in window])), global_step)
-        for kind in pt.GOAL_TYPES:
+        for kind in textenv.GOAL_TYPES:
             of_kind = [s for s, _, g in window if g == kind]
             if of_kind:
                 writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
@@ -895,7 +900,7 @@ if __name__ == "__main__":
     rank, world, device = setup_torchrun(args)  # envs and minibatches are split over ranks
     args, checkpoint = load_checkpoint(args, world)  # --resume: the saved args and state
     check_args(args, world)
-    run_name = checkpoint["run_name"] if checkpoint else f"PlaygroundText__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if checkpoint else f"{textenv.NAME}__{args.exp_name}__{args.seed}__{int(time.time())}"
     batch_size = args.num_envs * args.num_steps  # transitions per rollout over all ranks (Table 1: 2,048)
     envs_per_rank = args.num_envs // world
 
@@ -904,13 +909,14 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
+    envs = make_envs(args, envs_per_rank, rank * envs_per_rank)
+    obs, infos = envs.reset()
     llm, tokenizer = load_llm(args, device, torch.bfloat16 if use_bf16(args, device) else torch.float32)
     agent = Agent(llm, tokenizer, args, device=device)
+    agent.check_tokenization(states_of(obs, infos))
     params = [p for p in agent.llm.parameters() if p.requires_grad] + list(agent.value_head.parameters())
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=args.adam_eps)
 
-    envs = make_envs(args, envs_per_rank, rank * envs_per_rank)
-    obs, infos = envs.reset()
     # Rollout storage of this rank, [num_steps, envs_per_rank]: step t of its env i (global env rank * envs_per_rank + i).
     rollout_states = [[] for _ in range(args.num_steps)]
     rollout = {name: np.zeros((args.num_steps, envs_per_rank), dtype=dtype) for name, dtype in ROLLOUT.items()}
@@ -947,7 +953,7 @@ if __name__ == "__main__":
     while global_step < args.total_timesteps // batch_size * batch_size:  # whole rollouts only
         # Act: one batched scoring pass over all envs' possible actions (Eq. 1-2) and their values, then sample.
         step = global_step // args.num_envs % args.num_steps
-        states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        states = states_of(obs, infos)
         logp, value = agent.score(states, args.score_chunk_size)
         uniforms = rng.random(args.num_envs)[rank * envs_per_rank : (rank + 1) * envs_per_rank]  # drawn on every rank
         action = sample_actions(logp, rng, uniforms=uniforms)
@@ -967,7 +973,8 @@ if __name__ == "__main__":
             last = [State(goal, o, tuple(info["possible_actions"])) for goal, o, info in final]
             next_values[step, cut] = agent.score(last, args.score_chunk_size)[1].cpu().numpy()
         for i in np.flatnonzero(dones[step]):
-            finished.append((bool(terminations[i]), int(episode_lengths[i]), pt.goal_type(states[i].goal)))
+            success = next_infos[i]["final_info"]["success"]
+            finished.append((bool(success), int(episode_lengths[i]), textenv.goal_type(states[i].goal)))
             episode_lengths[i] = 0
         obs, infos = next_obs, next_infos
 
@@ -1034,7 +1041,8 @@ if __name__ == "__main__":
             if rank == 0:
                 window.extend(episodes)
                 phase = "training" if updates else "collecting"
-                shown = f"{phase} | policy_loss {stats.get('policy_loss', math.nan):.4f} | value_loss {stats.get('value_loss', math.nan):.4f}"
+                losses = stats.get("policy_loss", math.nan), stats.get("value_loss", math.nan)
+                shown = f"{phase} | policy_loss {losses[0]:.4f} | value_loss {losses[1]:.4f}"
                 log_progress(writer, window, start, global_step, args, updates, {}, shown)
 
         # Evaluate: greedy and sampled, on training and held-out test goals. A stop request skips or interrupts it.

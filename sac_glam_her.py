@@ -29,8 +29,8 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal, NamedTuple
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Annotated, Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-import playground_text as pt
+import playground_text as textenv  # the environment: another text env module can replace it (docs/adapting.md)
 
 
 @dataclass
@@ -75,10 +75,8 @@ class Args:
     # Environment
     num_envs: int = 32
     """parallel envs over all ranks (Appendix C: 32)"""
-    num_objects: int = 6
-    """objects per scene (Appendix A: 6; the simplified env of Appendix B: 3)"""
-    goal_types: tuple[str, ...] = pt.GOAL_TYPES
-    """goal types to train on (the simplified env of Appendix B: grasp grow)"""
+    env: Annotated[textenv.Options, tyro.conf.OmitArgPrefixes] = field(default_factory=textenv.Options)
+    """the env module's own options, passed to it as they are"""
 
     # Algorithm (Table 3)
     total_timesteps: int | None = None
@@ -110,7 +108,7 @@ class Args:
     alpha_lr: float = 2e-3
     """Adam learning rate of log(alpha) (Table 2: 2e-3)"""
     critic_warmup_updates: int = 250
-    """first gradient updates where only the critic learns (through the LLM with --critic-grad-llm); actor and alpha wait (Section 2.2)"""
+    """first gradient updates where only the critic learns (through the LLM with --critic-grad-llm); actor waits (Sec. 2.2)"""
     twin_q: bool = True
     """two Q heads, min over them in targets and actor loss (clipped double Q; paper: not given)"""
     tau: float = 0.005
@@ -120,7 +118,7 @@ class Args:
     critic_grad_llm: bool = True
     """back-propagate the critic loss into the shared LLM (Appendix B, best) or into the MLP head only"""
     separate_steps: bool = False
-    """a critic step (its own Adam), then an actor step (its own Adam over the LLM) on Q of the updated critic; off: one summed loss"""
+    """a critic step (own Adam), then an actor step (own Adam) on Q of the updated critic; off: one summed loss"""
     target_llm: bool = False
     """the target critic lags the LLM too: Polyak copies of the trained LLM weights beside the target Q heads"""
     critic_hidden: int = 1024
@@ -217,7 +215,6 @@ class Agent(nn.Module):
         self.action_ids = functools.lru_cache(maxsize=None)(self.action_ids)
         self.prompt_ids = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.prompt_ids)
         self.action_block = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.action_block)
-        self.check_tokenization()
 
     def forward(self, states: list[State], llm_grad: bool = True, critic_grad: bool = True):
         """Log pi(.|s) over each state's actions (Eq. 1-2), -inf on padded slots, and Q(s, .) of every head, from one
@@ -252,6 +249,11 @@ class Agent(nn.Module):
     def q_values(self, heads: nn.ModuleList, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         q = torch.stack([head(features).squeeze(-1) for head in heads])
         if self.critic_input == "obs":  # one output per action slot
+            if valid.shape[1] > q.shape[-1]:
+                fail(
+                    f"--critic-input obs: a state offers {valid.shape[1]} actions, more than the critic's {q.shape[-1]} "
+                    "action slots (the env's max_actions): fix the env's max_actions, or use --critic-input obs-action"
+                )
             q = q[..., : valid.shape[1]]
         return q.masked_fill(~valid, 0.0)
 
@@ -268,7 +270,7 @@ class Agent(nn.Module):
 
     def render(self, goal: str, observation: str) -> str:
         """The prompt text: Figure 3's, or that as the user turn of the chat template (--chat-template)."""
-        prompt = pt.format_prompt(goal, observation)
+        prompt = textenv.format_prompt(goal, observation)
         if not self.chat_template:
             return prompt
         return self.tokenizer.apply_chat_template(
@@ -290,30 +292,31 @@ class Agent(nn.Module):
         ids = tok(text, add_special_tokens=False).input_ids
         return tuple(ids + [tok.eos_token_id] if self.action_end == "eos" else ids)
 
-    def check_tokenization(self):
+    def check_tokenization(self, states: list[State]):
         """Eq. 1 scores an action's tokens right after the prompt's: a decoder-only model must tokenize prompt + action
         as the prompt's tokens then the action's (a SentencePiece tokenizer may add a lone space token instead), and
-        the newline of --action-end newline must be a token of its own."""
+        the newline of --action-end newline must be a token of its own. Checked on the env's first states."""
         if self.encoder_decoder:  # the decoder reads the action alone, as T5 reads its targets
             return
-        obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
-        prompt = self.render(info["goal"], obs)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.chat_template).input_ids
-        for action in info["possible_actions"] + ["Grasp", "Release"]:
-            text = (action if self.chat_template else " " + action) + ("\n" if self.action_end == "newline" else "")
-            joint = self.tokenizer(prompt + text, add_special_tokens=not self.chat_template).input_ids
-            apart = prompt_ids + list(self.action_ids(action))[: -1 if self.action_end == "eos" else None]
-            if joint != apart:
-                fail(
-                    f"the tokenizer splits prompt + action differently from the prompt, then the action: "
-                    f"{self.tokenizer.convert_ids_to_tokens(joint[len(prompt_ids) - 2 :])} vs "
-                    f"{self.tokenizer.convert_ids_to_tokens(apart[len(prompt_ids) - 2 :])} for {action!r}, so Eq. 1 would "
-                    "score tokens the model never reads. Use a model whose tokenizer does not add a lone space token "
-                    "(for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
-                )
-        bare = tuple(self.tokenizer("Grasp" if self.chat_template else " Grasp", add_special_tokens=False).input_ids)
-        grasp = self.action_ids("Grasp")
-        if self.action_end == "newline" and (len(grasp) <= len(bare) or grasp[: len(bare)] != bare):
+        for state in states:
+            prompt = self.render(state.goal, state.observation)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.chat_template).input_ids
+            for action in state.actions:
+                text = (action if self.chat_template else " " + action) + ("\n" if self.action_end == "newline" else "")
+                joint = self.tokenizer(prompt + text, add_special_tokens=not self.chat_template).input_ids
+                apart = prompt_ids + list(self.action_ids(action))[: -1 if self.action_end == "eos" else None]
+                if joint != apart:
+                    fail(
+                        f"the tokenizer splits prompt + action differently from the prompt, then the action: "
+                        f"{self.tokenizer.convert_ids_to_tokens(joint[len(prompt_ids) - 2 :])} vs "
+                        f"{self.tokenizer.convert_ids_to_tokens(apart[len(prompt_ids) - 2 :])} for {action!r}, so Eq. 1 "
+                        "would score tokens the model never reads. Use a model whose tokenizer does not add a lone space "
+                        "token (for SentencePiece: legacy=False / add_prefix_space=False), or an encoder-decoder model."
+                    )
+        action = states[0].actions[0]
+        bare = tuple(self.tokenizer(action if self.chat_template else " " + action, add_special_tokens=False).input_ids)
+        ids = self.action_ids(action)
+        if self.action_end == "newline" and (len(ids) <= len(bare) or ids[: len(bare)] != bare):
             fail("--action-end newline: this tokenizer has no token for the newline after an action; use eos or none")
 
     def action_block(self, actions: tuple[str, ...]) -> ActionBlock:
@@ -498,17 +501,17 @@ class Step(NamedTuple):
     achieved_goals: tuple[str, ...]  # the social partner's descriptions of what this step achieved
 
 
-def relabel(trajectory: list[Step], keep_goals: set, n_step: int, gamma: float) -> dict:
+def relabel(trajectory: list[Step], keep: Callable[[str], bool], n_step: int, gamma: float) -> dict:
     """Hindsight transitions of one ended episode, by goal, with the "future" strategy (Section 2.3, Appendix E).
 
-    A goal g' first achieved at step t' (not the episode's own, and in keep_goals) relabels steps 0..t': State(g',
+    A goal g' first achieved at step t' (not the episode's own, and one that keep accepts) relabels steps 0..t': State(g',
     o_t, actions_t), reward 1 at t' and 0 before, terminated at t', n-step returns as real episodes (Eq. 3).
     """
     own = trajectory[0].state.goal
     first: dict[str, int] = {}
     for t, step in enumerate(trajectory):
         for goal in step.achieved_goals:
-            if goal != own and goal in keep_goals:
+            if goal != own and keep(goal):
                 first.setdefault(goal, t)
     relabeled = {}
     for goal in first:
@@ -737,14 +740,16 @@ def sample_actions(logp: torch.Tensor, rng: np.random.Generator, greedy: bool = 
     return (cdf < u).sum(-1)
 
 
-def make_envs(args: Args, n: int, first: int, **kwargs) -> pt.SyncVecPlaygroundText:
-    """n envs, seeded as envs first..first+n-1 of the run (the env checks goal types and object counts, naming the fix)."""
+def make_envs(args: Args, n: int, first: int, **kwargs):
+    """n envs, seeded as envs first..first+n-1 of the run (the env checks its options, naming the fix)."""
     try:
-        return pt.SyncVecPlaygroundText(
-            n, args.seed, first, num_objects=args.num_objects, goal_types=args.goal_types, **kwargs
-        )
+        return textenv.vector_env(n, args.seed, first, **kwargs, **asdict(args.env))
     except ValueError as err:
         fail(str(err))
+
+
+def states_of(observations: list[str], infos: list[dict]) -> list[State]:
+    return [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(observations, infos)]
 
 
 def evaluate(
@@ -769,13 +774,14 @@ def evaluate(
             break
         if done:
             continue
-        states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        states = states_of(obs, infos)
         actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng, greedy)
         obs, _, terminated, truncated, infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
         lengths += 1
         for i in np.flatnonzero(terminated | truncated):
             if len(results[i]) < quota:
-                results[i].append((bool(terminated[i]), int(lengths[i]), pt.goal_type(states[i].goal)))
+                success = infos[i]["final_info"]["success"]
+                results[i].append((bool(success), int(lengths[i]), textenv.goal_type(states[i].goal)))
             lengths[i] = 0
     return [r for env_results in results for r in env_results]
 
@@ -784,9 +790,10 @@ def evaluate_all(agent: Agent, args: Args, rank: int, world: int, stopper, write
     """Success rate and episode length on training and held-out test goals, greedy and sampled, and one greedy
     episode's transcript, logged by rank 0; nothing when a stop request interrupts it."""
     if rank == 0 and not stopper.requested:
-        print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x train/test x greedy/sampled", flush=True)
+        splits = "/".join(textenv.SPLITS)
+        print(f"evaluation at step {global_step:,}: {args.eval_episodes} episodes x {splits} x greedy/sampled", flush=True)
     rates = {}
-    for split in ("train", "test"):
+    for split in textenv.SPLITS:
         for mode in ("greedy", "sampled"):
             episodes = gather(evaluate(agent, args, split, mode == "greedy", rank, world, stopper))
             if None in episodes:
@@ -803,12 +810,12 @@ def evaluate_all(agent: Agent, args: Args, rank: int, world: int, stopper, write
 def transcript(agent: Agent, args: Args, split: str) -> str:
     """One greedy episode on a fresh env, as text: each prompt, each action's probability and Q value (first head), the
     action taken (>) and the reward."""
-    env = pt.PlaygroundText(num_objects=args.num_objects, goal_types=args.goal_types, split=split, seed=args.seed)
-    obs, info = env.reset()
+    envs = make_envs(args, 1, 0, stream=2, split=split)
+    obs, infos = envs.reset()
     lines = []
     done = False
     while not done:
-        state = State(info["goal"], obs, tuple(info["possible_actions"]))
+        (state,) = states_of(obs, infos)
         with torch.inference_mode():
             logp, q, _, _ = agent([state], llm_grad=False)
         taken = int(logp[0].argmax())
@@ -817,9 +824,10 @@ def transcript(agent: Agent, args: Args, split: str) -> str:
             f"  {'>' if k == taken else ' '} pi {logp[0, k].exp():.3f}  Q {q[0, 0, k]:+.3f}  {a}"
             for k, a in enumerate(state.actions)
         ]
-        obs, reward, terminated, truncated, info = env.step(state.actions[taken])
-        done = terminated or truncated
-        lines.append(f"  reward {reward:g}" + (" (goal reached)" if terminated else " (time limit)" if truncated else ""))
+        obs, rewards, terminated, truncated, infos = envs.step([state.actions[taken]])
+        done = terminated[0] or truncated[0]
+        success = done and infos[0]["final_info"]["success"]
+        lines.append(f"  reward {rewards[0]:g}" + (" (goal reached)" if success else " (episode over)" if done else ""))
     return "\n".join(lines)
 
 
@@ -867,11 +875,13 @@ def load_checkpoint(args: Args, world: int) -> tuple[Args, dict | None]:
         fail(f"--resume {args.resume!r}: written by another script or version ({checkpoint['args'].get('exp_name')})")
     if checkpoint["world_size"] != world:
         fail(
-            f"this checkpoint was written by {checkpoint['world_size']} processes: resume it with as many (torchrun --nproc_per_node)"
+            f"this checkpoint was written by {checkpoint['world_size']} processes: "
+            "resume it with as many (torchrun --nproc_per_node)"
         )
     total = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
     total = checkpoint["global_step"] if args.eval_only else total  # --eval-only: not one step further
-    return replace(Args(**checkpoint["args"]), total_timesteps=total, resume=args.resume, eval_only=args.eval_only), checkpoint
+    saved = Args(**{**checkpoint["args"], "env": textenv.Options(**checkpoint["args"]["env"])})
+    return replace(saved, total_timesteps=total, resume=args.resume, eval_only=args.eval_only), checkpoint
 
 
 def trainable_state(agent: Agent) -> dict[str, torch.Tensor]:
@@ -939,7 +949,7 @@ def log_progress(writer, window, start: float, global_step: int, args: Args, upd
         writer.add_scalar("charts/success_rate", success, global_step)
         writer.add_scalar("charts/success_rate_vs_seconds", success, int(wall))  # Figure 2, right
         writer.add_scalar("charts/episodic_length", float(np.mean([n for _, n, _ in window])), global_step)
-        for kind in pt.GOAL_TYPES:
+        for kind in textenv.GOAL_TYPES:
             of_kind = [s for s, _, g in window if g == kind]
             if of_kind:
                 writer.add_scalar(f"charts/success_rate_{kind}", float(np.mean(of_kind)), global_step)
@@ -957,14 +967,17 @@ if __name__ == "__main__":
     rank, world, device = setup_torchrun(args)  # envs and batches are split over ranks
     args, checkpoint = load_checkpoint(args, world)  # --resume: the saved args and state
     check_args(args, world)
-    run_name = checkpoint["run_name"] if checkpoint else f"PlaygroundText__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if checkpoint else f"{textenv.NAME}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # Seeding: the same initial weights on every rank, distinct action samples and replay batches per rank.
     torch.manual_seed(args.seed)
     rng = np.random.default_rng([args.seed, rank])
 
+    envs = make_envs(args, args.num_envs // world, rank * (args.num_envs // world))
+    obs, infos = envs.reset()
     llm, tokenizer = load_llm(args, device, torch.bfloat16 if use_bf16(args, device) else torch.float32)
-    agent = Agent(llm, tokenizer, args, max_actions=args.num_objects + 1, device=device)
+    agent = Agent(llm, tokenizer, args, max_actions=envs.max_actions, device=device)
+    agent.check_tokenization(states_of(obs, infos))
     llm_params, q_params = [p for p in agent.llm.parameters() if p.requires_grad], list(agent.qf.parameters())
     # The critic trains its heads and, with --critic-grad-llm, the shared LLM (Appendix B); the actor trains the LLM.
     critic_params = q_params + (llm_params if args.critic_grad_llm else [])
@@ -979,14 +992,10 @@ if __name__ == "__main__":
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
 
-    envs = make_envs(args, args.num_envs // world, rank * (args.num_envs // world))
-    obs, infos = envs.reset()
     rb = ReplayBuffer(args.buffer_size // world)
     nsteps = [NStep(args.n_step, args.gamma) for _ in range(envs.num_envs)]
     her = ReplayBuffer(args.her_buffer_size // world)  # HER (Section 2.3): relabeled transitions
     trajectories = [[] for _ in range(envs.num_envs)]  # each env's open episode, relabeled when it ends
-    # Relabel with training goals of the run's types only: no held-out goal leaks in, none is never trained on.
-    keep_goals = set(pt.all_goals("train", args.goal_types))
     episode_lengths = np.zeros(envs.num_envs, dtype=int)
     finished, hindsight_goals = [], 0  # this rank's episodes (success, length, goal type), hindsight goals since last log
     window = collections.deque(maxlen=args.success_window)  # rank 0: the last episodes of all ranks
@@ -1028,7 +1037,7 @@ if __name__ == "__main__":
     stats = {}
     while global_step < args.total_timesteps:
         # Act: one batched scoring pass over all envs' possible actions (Eq. 1-2), then sample.
-        states = [State(info["goal"], o, tuple(info["possible_actions"])) for o, info in zip(obs, infos)]
+        states = states_of(obs, infos)
         actions = sample_actions(agent.policy_logp(states, args.score_chunk_size), rng)
         next_obs, rewards, terminations, truncations, next_infos = envs.step([s.actions[a] for s, a in zip(states, actions)])
         global_step += args.num_envs
@@ -1042,15 +1051,16 @@ if __name__ == "__main__":
             step = Step(state, int(actions[i]), float(rewards[i]), next_state, term, trunc, tuple(last_info["achieved_goals"]))
             for transition in nsteps[i].push(*step[:6]):
                 rb.add(transition)
-            # HER: keep the episode; once it ends, relabel it with the social partner's goals (Section 2.3).
+            # HER: keep the episode; once it ends, relabel it with the social partner's goals (Section 2.3) that the env
+            # allows (envs.relabels: training goals of the run's options, so no held-out goal leaks in).
             trajectories[i].append(step)
             if term or trunc:
-                relabeled = relabel(trajectories[i], keep_goals, args.n_step, args.gamma)
+                relabeled = relabel(trajectories[i], envs.relabels, args.n_step, args.gamma)
                 for transition in (t for transitions in relabeled.values() for t in transitions):
                     her.add(transition)
                 hindsight_goals += len(relabeled)
                 trajectories[i] = []
-                finished.append((term, int(episode_lengths[i]), pt.goal_type(state.goal)))
+                finished.append((bool(last_info["success"]), int(episode_lengths[i]), textenv.goal_type(state.goal)))
                 episode_lengths[i] = 0
         obs, infos = next_obs, next_infos
 
@@ -1142,8 +1152,9 @@ if __name__ == "__main__":
         if stop or due or global_step >= args.total_timesteps:
             stopper.saving = True
             mine = dict(
-                rb=(rb.data, rb.pos), her=(her.data, her.pos), envs=envs.state_dict(), nsteps=[list(n.pending) for n in nsteps],
-                obs=obs, infos=infos, trajectories=trajectories, finished=finished, episode_lengths=episode_lengths.tolist(),
+                rb=(rb.data, rb.pos), her=(her.data, her.pos), envs=envs.state_dict(),
+                nsteps=[list(n.pending) for n in nsteps], obs=obs, infos=infos, trajectories=trajectories, finished=finished,
+                episode_lengths=episode_lengths.tolist(),
                 hindsight_goals=hindsight_goals, rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             )  # fmt: skip

@@ -10,13 +10,17 @@ env of Appendix B by default (3 objects, grasp and grow goals). A uniformly rand
 envs (sampled only: its greedy choice is just the first action). Options are decoder-only scoring
 choices of the scripts: OPTION = eos | newline | none (--action-end), with "+chat" for --chat-template;
 an encoder-decoder model always ends its actions with EOS. Prints a Markdown table (success overall and
-per goal type) and writes it to --out.
+per goal type) and writes it to --out. Another env module (docs/adapting.md) plays in Playground-Text's place:
+
+    PYTHONPATH=examples python benchmarks/zero_shot.py --env-module babyai_text --env-option level=BabyAI-GoToLocal-v0
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import importlib
 import math
 import os
 import sys
@@ -49,12 +53,13 @@ class UniformPolicy:
         return logp
 
 
-def summary(episodes: list[tuple[bool, int, str]], goal_types: tuple[str, ...]) -> str:
-    """'overall (type: rate, ...)' success."""
+def summary(episodes: list[tuple[bool, int, str]]) -> str:
+    """'overall (type: rate, ...)' success, over the env's goal types that the episodes had."""
     parts = []
-    for kind in goal_types:
+    for kind in sac_glam.textenv.GOAL_TYPES:
         of_kind = [s for s, _, g in episodes if g == kind]
-        parts.append(f"{kind} {np.mean(of_kind):.2f}" if of_kind else f"{kind} -")
+        if of_kind:
+            parts.append(f"{kind} {np.mean(of_kind):.2f}")
     return f"{np.mean([s for s, _, _ in episodes]):.2f} ({', '.join(parts)})"
 
 
@@ -69,8 +74,15 @@ def main() -> int:
     )
     parser.add_argument("--episodes", type=int, default=64, help="episodes per setting (default 64)")
     parser.add_argument("--num-envs", type=int, default=32, help="envs played at once (default 32)")
-    parser.add_argument("--num-objects", type=int, default=3, help="objects per scene (Appendix B: 3)")
-    parser.add_argument("--goal-types", nargs="+", default=["grasp", "grow"], help="goal types (Appendix B: grasp grow)")
+    parser.add_argument("--env-module", default="playground_text", help="the env module (default: playground_text)")
+    parser.add_argument(
+        "--env-option",
+        nargs="*",
+        default=["num_objects=3", "goal_types=grasp,grow"],
+        metavar="KEY=VALUE",
+        help="fields of the env's Options; a value is a Python literal, or strings split at commas "
+        "(default: Appendix B's env, num_objects=3 goal_types=grasp,grow)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the evaluation envs and of the sampled actions")
     parser.add_argument("--out", default="zero_shot.md", help="the Markdown table is written here")
     opts = parser.parse_args()
@@ -82,14 +94,20 @@ def main() -> int:
     if opts.episodes < 1 or opts.num_envs < 1:
         print("error: --episodes and --num-envs must be positive")
         return 2
-    goal_types = tuple(opts.goal_types)
+    sac_glam.textenv = importlib.import_module(opts.env_module)  # sac_glam.evaluate plays on this module's envs
+    options = {}
+    for item in opts.env_option:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = tuple(value.split(",")) if "," in value else value
     base = sac_glam.Args(
         model_id=opts.model_id,
         cuda=False,
         lora_r=0,
         num_envs=opts.num_envs,
-        num_objects=opts.num_objects,
-        goal_types=goal_types,
+        env=sac_glam.textenv.Options(**options),
         eval_episodes=opts.episodes,
         seed=opts.seed,
         critic_hidden=8,
@@ -100,7 +118,7 @@ def main() -> int:
     llm, tokenizer = sac_glam.load_llm(base, device, torch.bfloat16 if bf16 else torch.float32)
     print(
         f"zero_shot: {opts.model_id} loaded in {'bf16' if bf16 else 'fp32'} in {time.time() - start:.0f} s; {opts.episodes} episodes per setting, "
-        f"{opts.num_objects} objects, goal types {' '.join(goal_types)}",
+        f"{opts.env_module} {options}",
         flush=True,
     )
     header = "| option | train greedy | train sampled | test greedy | test sampled |"
@@ -108,23 +126,23 @@ def main() -> int:
     random_policy = UniformPolicy()
     cells = []
     for split, greedy in SETTINGS:
-        cells.append("-" if greedy else summary(sac_glam.evaluate(random_policy, base, split, False, 0, 1), goal_types))
+        cells.append("-" if greedy else summary(sac_glam.evaluate(random_policy, base, split, False, 0, 1)))
     rows.append(f"| random policy | {' | '.join(cells)} |")
     print(rows[-1], flush=True)
     for option in opts.options:
         end, _, chat = option.partition("+")
         args = dataclasses.replace(base, action_end=end, chat_template=chat == "chat")
-        agent = sac_glam.Agent(llm, tokenizer, args, max_actions=opts.num_objects + 1, device=device)
+        agent = sac_glam.Agent(llm, tokenizer, args, max_actions=sac_glam.make_envs(base, 1, 0).max_actions, device=device)
         if agent.encoder_decoder and option != "eos":
             print(f"zero_shot: {option} skipped: an encoder-decoder model ends its actions with EOS", flush=True)
             continue
         t0 = time.time()
-        cells = [summary(sac_glam.evaluate(agent, args, split, greedy, 0, 1), goal_types) for split, greedy in SETTINGS]
+        cells = [summary(sac_glam.evaluate(agent, args, split, greedy, 0, 1)) for split, greedy in SETTINGS]
         rows.append(f"| {option} | {' | '.join(cells)} |")
         print(f"{rows[-1]}  ({time.time() - t0:.0f} s)", flush=True)
     text = (
         f"Zero-shot success of {opts.model_id} under the scripts' scoring (Eq. 1-2): {opts.episodes} episodes per "
-        f"setting, {opts.num_objects} objects, goal types {', '.join(goal_types)}, eval envs of seed {opts.seed}; overall "
+        f"setting, {opts.env_module} {options}, eval envs of seed {opts.seed}; overall "
         "(per goal type).\n\n" + "\n".join(rows) + "\n"
     )
     Path(opts.out).write_text(text)

@@ -27,9 +27,15 @@ MODULES = {"sac_glam": sac_glam, "sac_glam_her": sac_glam_her, "ppo_glam": ppo_g
 
 
 def make_agent(mod, args, llm, tok):
+    """The script's agent, its tokenization checked as the script checks it (on an env state: here one with every
+    kind of Playground-Text action)."""
     if mod is ppo_glam:
-        return mod.Agent(llm, tok, args, device=CPU)
-    return mod.Agent(llm, tok, args, max_actions=args.num_objects + 1, device=CPU)
+        agent = mod.Agent(llm, tok, args, device=CPU)
+    else:
+        agent = mod.Agent(llm, tok, args, max_actions=args.env.num_objects + 1, device=CPU)
+    obs, info = pt.PlaygroundText(num_objects=3, seed=0).reset()
+    agent.check_tokenization([mod.State(info["goal"], obs, tuple(info["possible_actions"]) + ("Grasp", "Release"))])
+    return agent
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,17 +55,18 @@ def hot_run(runner, tiny_dirs):
     return runner.start("sac_hot", small(tiny_dirs["llama"], "hot", 256, "--target-entropy", 10))
 
 
-def frozen_run(runner, tiny_dirs):
+def warmup_run(runner, tiny_dirs, *extra):
     """Critic warm-up longer than the run: 18 updates, all of them warm-up."""
-    return runner.start("sac_frozen", small(tiny_dirs["llama"], "frozen", 256, "--critic-warmup-updates", 10_000))
+    key = "sac_warmup" + "".join(extra).replace("-", "_")
+    return runner.start(key, small(tiny_dirs["llama"], key, 256, "--critic-warmup-updates", 10_000, *extra))
 
 
 def initial_state(args_dict: dict) -> dict[str, torch.Tensor]:
     """The trainable tensors the script starts from: same seed, same construction order."""
-    args = sg.Args(**args_dict)
+    args = sg.Args(**{**args_dict, "env": pt.Options(**args_dict["env"])})
     torch.manual_seed(args.seed)
     llm, tok = sg.load_llm(args, CPU)
-    agent = sg.Agent(llm, tok, args, max_actions=args.num_objects + 1, device=CPU)
+    agent = sg.Agent(llm, tok, args, max_actions=args.env.num_objects + 1, device=CPU)
     return sg.trainable_state(agent)
 
 
@@ -357,32 +358,27 @@ def test_alpha_moves_toward_target_entropy(runner, tiny_dirs):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Critic warm-up: the LLM (LoRA) does not move, the Q heads do
+# 4. Critic warm-up (Section 2.2): the critic learns, through the LLM with --critic-grad-llm; actor and alpha wait
 # --------------------------------------------------------------------------------------------------
-def test_actor_frozen_during_critic_warmup(runner, tiny_dirs):
-    frozen, base = frozen_run(runner, tiny_dirs), base_run(runner, tiny_dirs)
-    ck = frozen.check().checkpoint()
-    assert ck["updates"] == n_updates(256) == 18
-    init = initial_state(ck["args"])
-    final = ck["trainable"]
-    assert sorted(final) == sorted(init)
-    lora = [k for k in init if "lora_" in k]
-    heads = [k for k in init if k.startswith(("qf.", "qf_target."))]
-    assert lora and heads and len(lora) + len(heads) == len(init)
-    assert all(not init[k].any() for k in lora if "lora_B" in k)  # B = 0 at init
-    for k in lora:
-        assert torch.equal(final[k], init[k]), f"{k} moved during warm-up"
-    for k in heads:
-        assert not torch.equal(final[k], init[k]), f"{k} did not learn during warm-up"
-    assert torch.equal(ck["log_alpha"], INIT_LOG_ALPHA)  # no entropy tuning during warm-up either
-
-    ck = base.check().checkpoint()  # warm-up 2 of 34 updates: the adapters learn afterwards
-    assert ck["updates"] == n_updates(384) == 34
-    final = ck["trainable"]
-    init = initial_state(ck["args"])
-    assert init.keys() == final.keys()
-    for k in lora:
-        assert not torch.equal(final[k], init[k]), f"{k} did not move after warm-up"
+def test_critic_warmup_trains_the_llm_only_with_critic_grad_llm(runner, tiny_dirs):
+    through, heads_only = warmup_run(runner, tiny_dirs), warmup_run(runner, tiny_dirs, "--no-critic-grad-llm")
+    for run, llm_moves in ((through, True), (heads_only, False)):
+        ck = run.check().checkpoint()
+        assert ck["updates"] == n_updates(256) == 18 and ck["args"]["critic_grad_llm"] is llm_moves
+        init = initial_state(ck["args"])
+        final = ck["trainable"]
+        assert sorted(final) == sorted(init)
+        lora = [k for k in init if "lora_" in k]
+        heads = [k for k in init if k.startswith(("qf.", "qf_target."))]
+        assert lora and heads and len(lora) + len(heads) == len(init)
+        assert all(not init[k].any() for k in lora if "lora_B" in k)  # B = 0 at init
+        moved = [k for k in lora if not torch.equal(final[k], init[k])]
+        # With --critic-grad-llm the critic loss moves every adapter (A gets no gradient while B = 0, but B does,
+        # then A); without, the LLM does not move at all.
+        assert (sorted(moved) == sorted(lora)) if llm_moves else not moved, moved
+        for k in heads:
+            assert not torch.equal(final[k], init[k]), f"{k} did not learn during warm-up"
+        assert torch.equal(ck["log_alpha"], INIT_LOG_ALPHA)  # no entropy tuning during warm-up
 
 
 # --------------------------------------------------------------------------------------------------

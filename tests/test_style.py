@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")])
+SOURCES = sorted([*ROOT.glob("*.py"), *(p for d in ("tests", "benchmarks", "examples") for p in ROOT.glob(f"{d}/*.py"))])
 
 
 def ruff(*args: str) -> subprocess.CompletedProcess:
@@ -57,3 +57,10 @@ def test_idioms_checker_finds_each_idiom():
 def test_no_idioms_a_reader_trips_on(path):
     found = idioms(ast.parse(path.read_text()))
     assert not found, "\n".join(f"{path.name}:{line}: {what}" for line, what in found)
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("*.py")), ids=lambda p: p.name)
+def test_no_script_line_is_longer_than_127_columns(path):
+    """The formatter cannot split long strings: a reader's screen and diff stay at 127 columns anyway."""
+    long = [i for i, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 127]
+    assert not long, f"{path.name}: lines {long} are over 127 columns"

@@ -4,8 +4,9 @@ Nothing is downloaded: the tokenizer is a word-level one built from Playground-T
 the models are built from a config with random weights, then saved with `save_pretrained` so that code
 under test can load them like real checkpoints (`AutoModelForCausalLM.from_pretrained(path)`, ...).
 
-    make_env_tokenizer(append_eos=False, action_tokens=False)
+    make_env_tokenizer(append_eos=False, action_tokens=False, words=None)
                                                word-level tokenizer over the environment's words
+    words_of_env(textenv, **options)           the words of another text env module (e.g. examples/babyai_text.py)
     make_bpe_tokenizer()                       byte-level BPE with SmolLM2's chat template (newline tokens)
     save_tiny_causal(path, ...)                tiny LlamaForCausalLM (SmolLM2's architecture) + tokenizer
     save_tiny_t5(path, ...)                    tiny T5ForConditionalGeneration (Flan-T5-like) + tokenizer
@@ -19,6 +20,7 @@ import functools
 import glob
 import importlib.util
 import os
+import re
 import sys
 
 import torch
@@ -76,8 +78,31 @@ def go_to_actions() -> list[str]:
     return [f"Go to {color} {kind}" for color in pt.COLORS for kind in pt.TYPES]
 
 
-def make_env_tokenizer(append_eos: bool = False, action_tokens: bool = False) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over `env_words()`: "<pad>"=0, "</s>"=1 (eos), "<unk>"=2, "<s>"=3 (bos).
+def words_of_env(textenv, episodes: int = 100, seed: int = 0, **options) -> list[str]:
+    """The words of a text env module's prompts, goals and actions (every split), met in `episodes` episodes of
+    uniformly random play per split: the vocabulary of a word-level tokenizer for that env (make_env_tokenizer)."""
+    import numpy as np
+
+    rng, words = np.random.default_rng(seed), {}
+    for split in textenv.SPLITS:
+        envs = textenv.vector_env(1, seed, split=split, **options)
+        obs, infos = envs.reset()
+        for _ in range(episodes):
+            done = False
+            while not done:
+                text = textenv.format_prompt(infos[0]["goal"], obs[0]) + " " + " ".join(infos[0]["possible_actions"])
+                words.update(dict.fromkeys(re.findall(r"\w+|[^\w\s]", text)))
+                action = infos[0]["possible_actions"][rng.integers(len(infos[0]["possible_actions"]))]
+                obs, _, terminated, truncated, infos = envs.step([action])
+                done = terminated[0] or truncated[0]
+    return list(words)
+
+
+def make_env_tokenizer(
+    append_eos: bool = False, action_tokens: bool = False, words: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over `words` (default: Playground-Text's, `env_words()`; another env's:
+    `words_of_env(module)`): "<pad>"=0, "</s>"=1 (eos), "<unk>"=2, "<s>"=3 (bos).
 
     Text is split on whitespace, then every punctuation character stands alone ("cat," -> "cat", ","),
     so leading spaces and newlines do not matter; "living_thing" stays one word. By default no special
@@ -91,7 +116,7 @@ def make_env_tokenizer(append_eos: bool = False, action_tokens: bool = False) ->
     almost never leaves an object it stands on. One token per action makes a random model's initial
     policy close to uniform over the possible actions, as a pretrained actor's prior is reasonable.
     """
-    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + tuple(env_words()))}
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIAL_TOKENS + tuple(env_words() if words is None else words)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[^\w\s]"), behavior="isolated")]
