@@ -144,7 +144,8 @@ def time_acting_and_updates(agent: sac_glam.Agent, args: sac_glam.Args, opts, de
         optimizer.zero_grad(set_to_none=True)
         for c in range(0, len(batch), args.update_chunk_size):
             chunk = batch[c : c + args.update_chunk_size]
-            loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, train_actor=True, critic_grad=True)
+            qf_loss, actor_loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, llm_grad=True, critic_grad=True)
+            loss = qf_loss + actor_loss
             (loss * len(chunk) / len(batch)).backward()
         optimizer.step()
 

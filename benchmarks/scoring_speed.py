@@ -21,7 +21,7 @@ decoder-only model, 2.5x for a tiny T5, 5x for SmolLM2-135M; Lamorel: 1.45x, 1.7
 
 Training: one gradient update at batch 256 exactly as sac_glam.py makes it (sac_glam.sac_losses on
 chunks of --update-chunk-size transitions, backward per chunk, Adam step, alpha step, Polyak update;
-train_actor and critic_grad on, alpha 0.005, critic MLP hidden 1024) on replay-like n-step transitions
+llm_grad and critic_grad on, alpha 0.005, critic MLP hidden 1024) on replay-like n-step transitions
 of random-policy rollouts (6 objects, Table 2 settings), for the two tiny models: seconds per update.
 The naive equivalent (same losses, every prompt + action its own sequence, full logits with grad)
 is first checked to give the same loss and the same gradients on every trainable weight (LoRA of the
@@ -355,7 +355,10 @@ class Updater:
         entropies, stats = [], collections.defaultdict(float)
         for c in range(0, len(batch), chunk_size):
             chunk = batch[c : c + chunk_size]
-            loss, entropy, chunk_stats = sac_glam.sac_losses(agent, chunk, alpha, train_actor=True, critic_grad=True)
+            qf_loss, actor_loss, entropy, chunk_stats = sac_glam.sac_losses(
+                agent, chunk, alpha, llm_grad=True, critic_grad=True
+            )
+            loss = qf_loss + actor_loss
             (loss * len(chunk) / len(batch)).backward()
             entropies.append(entropy)
             for k, v in chunk_stats.items():
@@ -457,7 +460,8 @@ def update_breakdown(agent: sac_glam.Agent, args: sac_glam.Args, batch, chunk_si
             for c in range(0, len(batch), chunk_size):
                 chunk = batch[c : c + chunk_size]
                 t0 = time.perf_counter()
-                loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, train_actor=True, critic_grad=True)
+                qf_loss, actor_loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, llm_grad=True, critic_grad=True)
+                loss = qf_loss + actor_loss
                 t1 = time.perf_counter()
                 (loss * len(chunk) / len(batch)).backward()
                 forward, backward = forward + t1 - t0, backward + time.perf_counter() - t1
@@ -552,7 +556,8 @@ def bench_training(name, agent, args, opts, batch) -> dict:
     for a in (agent, naive):
         agent.llm.zero_grad(set_to_none=True)
         agent.qf.zero_grad(set_to_none=True)
-        loss, _, _ = sac_glam.sac_losses(a, check, args.alpha, train_actor=True, critic_grad=True)
+        qf_loss, actor_loss, _, _ = sac_glam.sac_losses(a, check, args.alpha, llm_grad=True, critic_grad=True)
+        loss = qf_loss + actor_loss
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}))
     (l_o, g_o), (l_n, g_n) = grads
@@ -817,7 +822,7 @@ def main() -> int:
     if trained:
         print()
         print(
-            f"Gradient update at batch {opts.batch_size} (sac_losses, train_actor and critic_grad on, chunks of "
+            f"Gradient update at batch {opts.batch_size} (sac_losses summed, llm_grad and critic_grad on, chunks of "
             f"{opts.update_chunk_size}, Adam + alpha + Polyak steps; critic hidden 1024), median of {opts.train_rounds}"
         )
         head = (
