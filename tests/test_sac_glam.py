@@ -550,6 +550,28 @@ def test_resume_reproduces_uninterrupted_run(runner, tiny_dirs):
     _assert_same_final(ck_a, b2.checkpoint())
 
 
+def test_separate_steps_with_target_llm_resume_exactly_and_the_target_lags(runner, tiny_dirs):
+    """--separate-steps --target-llm: two Adams and a Polyak copy of the adapters, all in the checkpoint, so a resumed
+    run ends exactly where the uninterrupted one does; the target adapters move, but lag the live ones."""
+    flags = ("--separate-steps", "--target-llm", "--lora-r", 4)
+    whole = runner.start("sac_sep_whole", small(tiny_dirs["llama"], "sep", 256, *flags))
+    first = runner.start("sac_sep_first", small(tiny_dirs["llama"], "sep", 192, *flags))
+    ck = first.check().checkpoint()
+    rest = runner.start("sac_sep_rest", ["--resume", first.checkpoint_dir(), "--total-timesteps", 256], cwd=first.cwd).check()
+    a, b = whole.check().checkpoint(), rest.checkpoint()
+    assert a["updates"] == b["updates"] == n_updates(256) and ck["actor_optimizer"]["state"]
+    _assert_same_final(a, b)
+    for x, y in zip(a["llm_target"], b["llm_target"]):
+        assert torch.equal(x, y)
+    lora_b = [k for k in a["trainable"] if "lora_B" in k]  # zero at init, in the live and the target adapters
+    names = [n for n in a["trainable"] if "lora_" in n]
+    target = dict(zip(names, a["llm_target"]))
+    for k in lora_b:
+        live, lagging = a["trainable"][k], target[k]
+        assert lagging.any() and (lagging - live).abs().max() > 0  # moved, and not onto the live weights
+        assert lagging.norm() < live.norm()  # tau 0.005 per update: far behind
+
+
 def test_sigint_checkpoints_and_resumes(runner, tiny_dirs):
     a = base_run(runner, tiny_dirs)
     run = runner.start("sac_sigint", small(tiny_dirs["llama"], "sigint", 384))
