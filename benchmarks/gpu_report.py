@@ -8,8 +8,10 @@ the actor exactly as sac_glam.py does (sac_glam.load_llm and sac_glam.Agent, LoR
 layer) on cuda:0 and measures
   acting    env steps/s of the scripts' acting step: 32 Playground-Text envs (6 objects, all goal types),
             one batched scoring pass over every possible action (Eq. 1-2), a sampled action, an env step;
-  update    seconds per gradient update at batch 256 as sac_glam.py makes it (sac_losses on chunks of
-            --update-chunk-size, backward, Adam step) on n-step transitions of random-policy rollouts;
+  update    seconds per gradient update at batch 256 as sac_glam.py makes it past the warm-up (critic step:
+            critic_backward on chunks of --update-chunk-size and its Adam step; actor step: actor_backward and
+            its Adam step; Polyak update of the target heads and adapters) on n-step transitions of
+            random-policy rollouts;
   memory    peak GPU memory allocated (torch.cuda.max_memory_allocated) over both, each row's model freed
             before the next row starts;
   params    the LLM's parameters, LoRA included; 4-bit weights count as their values, not their packed bytes;
@@ -134,20 +136,24 @@ def time_acting_and_updates(agent: sac_glam.Agent, args: sac_glam.Args, opts, de
     sync(device)
     sps = opts.acting_steps * opts.num_envs / (time.perf_counter() - start)
 
-    # Gradient updates at batch 256, as in sac_glam.py (critic and actor losses on the shared LLM, Adam).
+    # Gradient updates at batch 256, as in sac_glam.py past the warm-up: critic step, then actor step, each its Adam.
     llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        [{"params": llm_params, "lr": args.policy_lr}, {"params": list(agent.qf.parameters()), "lr": args.q_lr}]
-    )
+    q_optimizer = torch.optim.Adam(list(agent.qf.parameters()) + llm_params, lr=args.q_lr)
+    actor_optimizer = torch.optim.Adam(llm_params, lr=args.policy_lr)
+    llm_target = (llm_params, [p.detach().clone() for p in llm_params])
+    chunks = [batch[c : c + args.update_chunk_size] for c in range(0, len(batch), args.update_chunk_size)]
 
     def update():
-        optimizer.zero_grad(set_to_none=True)
-        for c in range(0, len(batch), args.update_chunk_size):
-            chunk = batch[c : c + args.update_chunk_size]
-            qf_loss, actor_loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, llm_grad=True, critic_grad=True)
-            loss = qf_loss + actor_loss
-            (loss * len(chunk) / len(batch)).backward()
-        optimizer.step()
+        q_optimizer.zero_grad(set_to_none=True)
+        sac_glam.critic_backward(agent, chunks, args.alpha, True, llm_target)
+        q_optimizer.step()
+        actor_optimizer.zero_grad(set_to_none=True)
+        sac_glam.actor_backward(agent, chunks, args.alpha)
+        actor_optimizer.step()
+        with torch.no_grad():
+            targets = [*agent.qf_target.parameters(), *llm_target[1]]
+            for p, p_target in zip([*agent.qf.parameters(), *llm_params], targets):
+                p_target.lerp_(p, args.tau)
 
     times = []
     for i in range(opts.warmup + opts.updates):

@@ -3,7 +3,7 @@
     pip install matplotlib                           # benchmark-only requirement (the training scripts never plot)
     python benchmarks/learning_curves.py --fresh     # tiny random actor, every algorithm x 3 seeds, ~80 min on 2 cores
     python benchmarks/learning_curves.py --quick     # smoke check, under 10 min
-    python benchmarks/learning_curves.py --actor smollm2 --seeds 1 2 3       # the runs not finished yet, one piece each
+    python benchmarks/learning_curves.py --actor smollm2 --seeds 1 2 3 4     # the runs not finished yet, one piece each
     python benchmarks/learning_curves.py --actor smollm2 --plot-only                      # figure from the logs so far
     python benchmarks/learning_curves.py --env full --seeds 1    # Figure 2's env and 400k steps, tiny actor, in pieces
 
@@ -72,6 +72,7 @@ of 2 epochs over 2,048 transitions, plus acting) took 88 min, with other work on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import itertools
 import os
@@ -219,53 +220,31 @@ def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[st
                 "25",
             ]
         )
-    common += [
-        "--model-id",
-        model,
-        "--lora-r",
-        "0",
-        "--no-cuda",
-        "--no-bf16",
-        "--log-frequency",
-        "1024",
-        "--checkpoint-frequency",
-        "0",
-        "--update-chunk-size",
-        "256",
-        "--gamma",
-        str(args.gamma),
-        "--action-end",
-        "eos",
-    ]
+    return script + common + tiny_settings(algo, model, args)
+
+
+def tiny_settings(algo: str, model: str, args: Args) -> list[str]:
+    """The tiny actor's flags (the module docstring says why each differs from Tables 1-3)."""
+    common = ["--model-id", model, "--lora-r", "0", "--no-cuda", "--no-bf16", "--log-frequency", "1024"]
+    common += ["--checkpoint-frequency", "0", "--update-chunk-size", "256", "--gamma", str(args.gamma), "--action-end", "eos"]
     if algo == "ppo_glam":
-        return script + common + ["--learning-rate", str(args.lr), "--value-hidden", str(args.critic_hidden)]
-    return (
-        script
-        + common
-        + [
-            "--policy-lr",
-            str(args.lr),
-            "--q-lr",
-            str(args.lr),
-            "--critic-hidden",
-            str(args.critic_hidden),
-            "--tau",
-            str(args.tau),
-            "--alpha",
-            str(args.alpha),
-        ]
-    )
+        return common + ["--learning-rate", str(args.lr), "--value-hidden", str(args.critic_hidden)]
+    common += ["--policy-lr", str(args.lr), "--q-lr", str(args.lr), "--critic-hidden", str(args.critic_hidden)]
+    return common + ["--tau", str(args.tau), "--alpha", str(args.alpha)]
 
 
-def checkpoint_of(work: Path, algo: str, seed: int) -> str | None:
-    found = sorted(glob.glob(str(work / "checkpoints" / f"PlaygroundText__{algo}__{seed}__*" / "checkpoint.pt")))
+def checkpoint_of(work: Path, algo: str, seed: int, env_name: str = pt.NAME) -> str | None:
+    found = sorted(glob.glob(str(work / "checkpoints" / f"{env_name}__{algo}__{seed}__*" / "checkpoint.pt")))
     return os.path.dirname(found[-1]) if found else None
 
 
-def run_all(args: Args, work: Path, seeds: list[int]):
+def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name: str = pt.NAME):
     """Run the selected (algorithm, seed) pieces as subprocesses, --jobs at a time: finished ones are skipped, paused
-    ones resumed from their checkpoint; after --max-minutes the runs get SIGTERM (they save) and the call returns."""
-    model = build_model(work / "model") if args.actor == "tiny" else ""
+    ones resumed from their checkpoint; after --max-minutes the runs get SIGTERM (they save) and the call returns.
+    `command_of(algo, seed)` gives a run's command line (default: `command` with this benchmark's tiny actor)."""
+    if command_of is None:
+        model = build_model(work / "model") if args.actor == "tiny" else ""
+        command_of = functools.partial(command, steps=args.steps, model=model, args=args)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     (work / "done").mkdir(exist_ok=True)
     queue = [(algo, seed) for seed in seeds for algo in args.algos if not (work / "done" / f"{algo}_{seed}").exists()]
@@ -284,8 +263,8 @@ def run_all(args: Args, work: Path, seeds: list[int]):
     while queue or running:
         while queue and len(running) < args.jobs and not stopping:
             algo, seed = queue.pop(0)
-            cmd = command(algo, seed, args.steps, model, args)
-            resume = checkpoint_of(work, algo, seed)
+            cmd = command_of(algo, seed)
+            resume = checkpoint_of(work, algo, seed, env_name)
             if resume:  # the saved args are used; the command's --total-timesteps may extend the run
                 cmd += ["--resume", resume]
             out = open(work / "logs" / f"{algo}_{seed}.log", "a")
@@ -356,7 +335,7 @@ def run_log(work: Path, algo: str, seed: str) -> dict[str, str]:
     """The precision of a run (its start line) and the commits that ran its pieces (the benchmark's log lines)."""
     path = work / "logs" / f"{algo}_{seed}.log"
     text = path.read_text() if path.exists() else ""
-    start = re.search(r"^PlaygroundText__\S+: \S+ \((?:decoder-only|encoder-decoder)(?:, ([^)]*))?\) on", text, re.M)
+    start = re.search(r"^\w+__\S+: \S+ \((?:decoder-only|encoder-decoder)(?:, ([^)]*))?\) on", text, re.M)
     precision = "?" if start is None else (start.group(1) or "fp32 (no tag)").split(",")[0]
     commits = sorted(set(re.findall(r"^# (?:start|resume) at commit (\w+)", text, re.M)))
     machines = sorted(set(re.findall(r"^# (?:start|resume) at commit \w+, \d+ threads, (.+)$", text, re.M)))
@@ -372,10 +351,10 @@ def run_log(work: Path, algo: str, seed: str) -> dict[str, str]:
 EVALS = [f"{split}_{mode}" for split in ("train", "test") for mode in ("greedy", "sampled")]
 
 
-def load_runs(work: Path, goal_types: tuple[str, ...]) -> dict[str, list[dict]]:
+def load_runs(work: Path, goal_types: tuple[str, ...], env_name: str = pt.NAME) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for algo in ALGOS:
-        for run_dir in sorted(glob.glob(str(work / "runs" / f"PlaygroundText__{algo}__*"))):
+        for run_dir in sorted(glob.glob(str(work / "runs" / f"{env_name}__{algo}__*"))):
             run = {
                 "steps": scalars(run_dir, "charts/success_rate"),
                 "seconds": scalars(run_dir, "charts/success_rate_vs_seconds"),

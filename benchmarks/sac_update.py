@@ -7,8 +7,15 @@ sac_glam.py on the pretrained SmolLM2 actor with benchmarks/learning_curves.py's
 simplified env of Appendix B, batch 64, 1 gradient update per 32 env steps, a 125-update critic warm-up, Table 2's
 alpha 0.005, the collapse case), to --steps env steps, one run at a time on every core, in resumable pieces of
 --max-minutes (SIGTERM: the script saves; the next call resumes). Each variant adds flags on top of the scripts'
-defaults; "today" is the update before the warm-up trained the LLM: its runs are learning_curves.py's committed
-SmolLM2 SAC-GLAM seeds (benchmarks/learning_curves_smollm2_runs), cut at --steps. The table (docs/sac_update.md)
+defaults at commit 4e1401e (RUN_COMMIT), where the variants ran: since then the scripts have the last variant's
+update as their only one, without flags, so running a variant needs a worktree of that commit:
+
+    git worktree add ../sac_update_wt 4e1401e && cd ../sac_update_wt
+    python benchmarks/sac_update.py --variants separate --seeds 3 --work-dir <this checkout>/benchmarks/sac_update_runs
+
+"today" is the update before the warm-up trained the LLM: its runs are learning_curves.py's SmolLM2 SAC-GLAM seeds
+at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f); "head" is learning_curves.py's SmolLM2 SAC-GLAM seeds
+at the scripts' update (benchmarks/learning_curves_smollm2_runs), both cut at --steps. The table (docs/sac_update.md)
 gives per run: area under the rolling success curve, success at the end and its lowest value after the warm-up,
 the policy's lowest entropy after the warm-up, Q of the taken actions at the end of the warm-up and at the end,
 qf_loss over the last 2,048 env steps, and seconds per gradient update (median, warm-up and after).
@@ -31,14 +38,19 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_curves as lc  # noqa: E402
 
-# variant -> (what it changes, flags added to learning_curves.py's SmolLM2 command). Cumulative, in this order.
+# variant -> (what it changes, flags added to learning_curves.py's SmolLM2 command at RUN_COMMIT). Cumulative, in this
+# order; None: runs of learning_curves.py, read from RUNS_OF.
 VARIANTS = {
     "today": ("warm-up trains the critic heads only; one summed step; target heads on the live LLM", None),
     "warmup_llm": ("+ the warm-up trains the critic through the LLM (Section 2.2, Appendix B)", []),
     "separate": ("+ separate critic and actor steps, each its own Adam", ["--separate-steps"]),
     "target_llm": ("+ the target critic lags the LLM too (target adapters)", ["--separate-steps", "--target-llm"]),
+    "head": ("target_llm's update, the scripts' only one since RUN_COMMIT (learning_curves.py's SmolLM2 runs)", None),
 }
-TODAY_RUNS = lc.ROOT / "benchmarks" / "learning_curves_smollm2_runs"
+RUN_COMMIT = "4e1401e"
+RUNS_OF = {
+    name: lc.ROOT / "benchmarks" / f"learning_curves_smollm2_runs{end}" for name, end in (("today", "_2f9516f"), ("head", ""))
+}
 
 
 @dataclasses.dataclass
@@ -75,6 +87,8 @@ ROW_KEYS = (
 
 def run(args: Args, work: Path):
     """Each selected (variant, seed) not done yet, one at a time, resumed from its checkpoint if it has one."""
+    if "separate_steps:" not in (lc.ROOT / "sac_glam.py").read_text():
+        sys.exit(f"error: the variants' flags exist at commit {RUN_COMMIT} only: run from a worktree of it (see --help)")
     for sub in ("logs", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     threads = str(os.cpu_count() or 1)
@@ -148,11 +162,11 @@ def write_table(args: Args, work: Path):
         "|---|---|" + "---|" * len(ROW_KEYS) + "---|---|",
     ]
     for name, (what, _) in VARIANTS.items():
-        base, algo = (TODAY_RUNS, "sac_glam") if name == "today" else (work, f"sac_glam_{name}")
+        base, algo = (RUNS_OF[name], "sac_glam") if name in RUNS_OF else (work, f"sac_glam_{name}")
         for run_dir in sorted(glob.glob(str(base / "runs" / f"PlaygroundText__{algo}__*"))):
             seed = Path(run_dir).name.split("__")[2]
             row = summary(run_dir, args.steps, warmup_end)
-            info = lc.run_log(base, "sac_glam" if name == "today" else name, seed)
+            info = lc.run_log(base, "sac_glam" if name in RUNS_OF else name, seed)
             lines.append(
                 f"| {name} | {seed} | {' | '.join(row[k] for k in ROW_KEYS)} | {info['commit']} | {info['machine']} |"
             )

@@ -19,9 +19,10 @@ then naive in every round, both under torch.inference_mode, after a warm-up call
 median of each is reported with the ratio naive / ours against the bar of the issue (3x for a tiny
 decoder-only model, 2.5x for a tiny T5, 5x for SmolLM2-135M; Lamorel: 1.45x, 1.7x and 4.7x).
 
-Training: one gradient update at batch 256 exactly as sac_glam.py makes it (sac_glam.sac_losses on
-chunks of --update-chunk-size transitions, backward per chunk, Adam step, alpha step, Polyak update;
-llm_grad and critic_grad on, alpha 0.005, critic MLP hidden 1024) on replay-like n-step transitions
+Training: one gradient update at batch 256 past the warm-up exactly as sac_glam.py makes it (the critic step,
+sac_glam.critic_backward on chunks of --update-chunk-size transitions through the LLM and its Adam step, then the
+actor step, sac_glam.actor_backward and its Adam step, the alpha step and the Polyak update of the target heads and
+adapters; alpha 0.005, critic MLP hidden 1024) on replay-like n-step transitions
 of random-policy rollouts (6 objects, Table 2 settings), for the two tiny models: seconds per update.
 The naive equivalent (same losses, every prompt + action its own sequence, full logits with grad)
 is first checked to give the same loss and the same gradients on every trainable weight (LoRA of the
@@ -39,7 +40,6 @@ the outputs and the equivalence checks exercise them.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import math
 import os
@@ -302,14 +302,14 @@ def legacy_as_layout(legacy: dict[str, torch.Tensor]) -> sac_glam.Layout:
 
 
 class NaiveAgent(sac_glam.Agent):
-    """The same LLM and the same critic heads as `agent`, with the naive forward pass (for sac_losses)."""
+    """The same LLM and the same critic heads as `agent`, with the naive forward pass (for the losses)."""
 
     def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
         super().__init__(agent.llm, agent.tokenizer, dataclasses.replace(args, critic_hidden=8), MAX_ACTIONS, agent.device)
         self.qf, self.qf_target = agent.qf, agent.qf_target  # shared, not copies
         self.action_ids = agent.action_ids  # the same token cache
 
-    def forward(self, states, llm_grad: bool = True, critic_grad: bool = True):
+    def forward(self, states, llm_grad: bool = True):
         x = naive_layout(self, states)
         base = self.base()
         decoder = base.get_decoder()
@@ -329,8 +329,6 @@ class NaiveAgent(sac_glam.Agent):
         n, k_max = x["valid"].shape
         features = torch.zeros(n * k_max, hidden.shape[-1]).index_copy(0, x["f_slot"], hidden[x["f_row"], x["f_pos"]].float())
         features = features.view(n, k_max, -1)
-        if not critic_grad:
-            features = features.detach()
         return logp, self.q_values(self.qf, features, x["valid"]), features, x["valid"]
 
 
@@ -338,41 +336,46 @@ class NaiveAgent(sac_glam.Agent):
 # One gradient update, as in sac_glam.py's training loop
 # --------------------------------------------------------------------------------------------------
 class Updater:
+    """One gradient update past the warm-up: the critic step (sac_glam.critic_backward through the LLM, its Adam), the
+    actor step on Q of the updated critic (sac_glam.actor_backward, its Adam), the alpha step and the Polyak update of
+    the target heads and adapters. `seconds` holds the last call's seconds per phase (critic, actor, optimizer steps)."""
+
     def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
         self.agent, self.args = agent, args
         self.llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
-        self.q_params = list(agent.qf.parameters())
-        self.optimizer = torch.optim.Adam(
-            [{"params": self.llm_params, "lr": args.policy_lr}, {"params": self.q_params, "lr": args.q_lr}]
-        )
+        self.q_optimizer = torch.optim.Adam(list(agent.qf.parameters()) + self.llm_params, lr=args.q_lr)
+        self.actor_optimizer = torch.optim.Adam(self.llm_params, lr=args.policy_lr)
+        self.llm_target = (self.llm_params, [p.detach().clone() for p in self.llm_params])
         self.log_alpha = torch.tensor(math.log(args.alpha), requires_grad=True)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
+        self.seconds: dict[str, float] = {}
 
     def __call__(self, batch: list[sac_glam.Transition], chunk_size: int, step: bool = True) -> dict[str, float]:
         agent, args = self.agent, self.args
-        alpha = self.log_alpha.exp().item()
-        self.optimizer.zero_grad(set_to_none=True)
-        entropies, stats = [], collections.defaultdict(float)
-        for c in range(0, len(batch), chunk_size):
-            chunk = batch[c : c + chunk_size]
-            qf_loss, actor_loss, entropy, chunk_stats = sac_glam.sac_losses(
-                agent, chunk, alpha, llm_grad=True, critic_grad=True
-            )
-            loss = qf_loss + actor_loss
-            (loss * len(chunk) / len(batch)).backward()
-            entropies.append(entropy)
-            for k, v in chunk_stats.items():
-                stats[k] += v * len(chunk) / len(batch)
+        alpha = self.log_alpha.detach().exp()
+        chunks = [batch[c : c + chunk_size] for c in range(0, len(batch), chunk_size)]
+        t0 = time.perf_counter()
+        self.q_optimizer.zero_grad(set_to_none=True)
+        stats = sac_glam.critic_backward(agent, chunks, alpha, True, self.llm_target)
+        t1 = time.perf_counter()
         if step:
-            self.optimizer.step()
-            alpha_loss = (self.log_alpha.exp() * (torch.cat(entropies) - args.target_entropy)).mean()
+            self.q_optimizer.step()
+        t2 = time.perf_counter()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        entropy, actor_stats = sac_glam.actor_backward(agent, chunks, alpha)
+        t3 = time.perf_counter()
+        if step:
+            self.actor_optimizer.step()
+            alpha_loss = (self.log_alpha.exp() * (entropy - args.target_entropy)).mean()
             self.a_optimizer.zero_grad()
             alpha_loss.backward()
             self.a_optimizer.step()
             with torch.no_grad():
-                for p, p_target in zip(agent.qf.parameters(), agent.qf_target.parameters()):
+                targets = [*agent.qf_target.parameters(), *self.llm_target[1]]
+                for p, p_target in zip([*agent.qf.parameters(), *self.llm_params], targets):
                     p_target.lerp_(p, args.tau)
-        return stats
+        self.seconds = {"critic": t1 - t0, "actor": t3 - t2, "step": t2 - t1 + time.perf_counter() - t3}
+        return stats | actor_stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,8 +442,9 @@ def bench_host_prep(name: str, agent: sac_glam.Agent, batch, chunk_size: int, ro
 
 
 def update_breakdown(agent: sac_glam.Agent, args: sac_glam.Args, batch, chunk_size: int, rounds: int) -> dict:
-    """Seconds of one gradient update as sac_glam.py makes it, split into host preparation (Agent.layout),
-    forward (the rest of sac_losses), backward and the optimizer step; medians over rounds after a warm-up."""
+    """Seconds of one gradient update as sac_glam.py makes it past the warm-up: the critic and the actor step's
+    passes (forward and backward, host preparation included), the optimizer steps, and the host preparation
+    (Agent.layout) inside both passes; medians over rounds after a warm-up round (Adam state, token caches)."""
     update = Updater(agent, args)
     own, prep = agent.layout, []
 
@@ -453,20 +457,10 @@ def update_breakdown(agent: sac_glam.Agent, args: sac_glam.Args, batch, chunk_si
     agent.layout = layout
     rows = []
     try:
-        for _ in range(rounds + 1):  # the first round warms up the Adam state and the token caches
+        for _ in range(rounds + 1):
             prep.clear()
-            forward = backward = 0.0
-            update.optimizer.zero_grad(set_to_none=True)
-            for c in range(0, len(batch), chunk_size):
-                chunk = batch[c : c + chunk_size]
-                t0 = time.perf_counter()
-                qf_loss, actor_loss, _, _ = sac_glam.sac_losses(agent, chunk, args.alpha, llm_grad=True, critic_grad=True)
-                loss = qf_loss + actor_loss
-                t1 = time.perf_counter()
-                (loss * len(chunk) / len(batch)).backward()
-                forward, backward = forward + t1 - t0, backward + time.perf_counter() - t1
-            step = timed(update.optimizer.step)[0]
-            rows.append({"prep": sum(prep), "forward": forward - sum(prep), "backward": backward, "step": step})
+            update(batch, chunk_size)
+            rows.append({"prep": sum(prep), **update.seconds})
     finally:
         agent.layout = own
     agent.llm.zero_grad(set_to_none=True)
@@ -553,13 +547,16 @@ def bench_training(name, agent, args, opts, batch) -> dict:
     # Same losses and same gradients on a small chunk (LoRA weights of every layer and the Q heads).
     check = batch[: opts.check_transitions]
     grads = []
-    for a in (agent, naive):
-        agent.llm.zero_grad(set_to_none=True)
-        agent.qf.zero_grad(set_to_none=True)
-        qf_loss, actor_loss, _, _ = sac_glam.sac_losses(a, check, args.alpha, llm_grad=True, critic_grad=True)
-        loss = qf_loss + actor_loss
-        loss.backward()
-        grads.append((loss.item(), {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}))
+    llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
+    llm_target = (llm_params, [p.detach().clone() for p in llm_params])
+    for a in (agent, naive):  # the critic step's gradients, then the actor step's
+        agent.zero_grad(set_to_none=True)
+        loss = sac_glam.critic_backward(a, [check], args.alpha, True, llm_target)["qf_loss"].item()
+        g = {f"critic {n}": p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+        agent.zero_grad(set_to_none=True)
+        loss += sac_glam.actor_backward(a, [check], args.alpha)[1]["actor_loss"].item()
+        g |= {f"actor {n}": p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+        grads.append((loss, g))
     (l_o, g_o), (l_n, g_n) = grads
     assert g_o.keys() == g_n.keys(), "ours and naive do not train the same weights"
     scale = max(g.abs().max().item() for g in g_n.values())
@@ -822,8 +819,8 @@ def main() -> int:
     if trained:
         print()
         print(
-            f"Gradient update at batch {opts.batch_size} (sac_losses summed, llm_grad and critic_grad on, chunks of "
-            f"{opts.update_chunk_size}, Adam + alpha + Polyak steps; critic hidden 1024), median of {opts.train_rounds}"
+            f"Gradient update at batch {opts.batch_size} (critic step through the LLM, then actor step, chunks of "
+            f"{opts.update_chunk_size}, two Adams + alpha + Polyak steps; critic hidden 1024), median of {opts.train_rounds}"
         )
         head = (
             f"{'model':<14}{'ours s/update':>15}{'naive s/update':>16}{'ratio':>8}{'|dloss|':>10}{'dgrad all':>11}{'dgrad L0':>10}"
@@ -856,13 +853,11 @@ def main() -> int:
         print(
             f"One update at batch {opts.batch_size} (chunks of {opts.update_chunk_size}), median of {opts.train_rounds} after a warm-up, seconds"
         )
-        head = f"{'model':<14}{'preparation':>13}{'forward':>10}{'backward':>10}{'optimizer step':>16}"
+        head = f"{'model':<14}{'critic step':>13}{'actor step':>12}{'optimizer steps':>17}{'preparation (in both)':>23}"
         print(head)
         print("-" * len(head))
         for r in trained:
-            print(
-                f"{r['name']:<14}{r['bd_prep']:>13.3f}{r['bd_forward']:>10.3f}{r['bd_backward']:>10.3f}{r['bd_step']:>16.3f}"
-            )
+            print(f"{r['name']:<14}{r['bd_critic']:>13.3f}{r['bd_actor']:>12.3f}{r['bd_step']:>17.3f}{r['bd_prep']:>23.3f}")
     print()
     print("ALL PASS" if all_pass else "SOME FAIL")
     host_prep_report(results, opts)

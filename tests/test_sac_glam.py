@@ -9,6 +9,7 @@ once per session under a key.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import re
 import signal
@@ -530,7 +531,8 @@ def _assert_same_final(ck_a: dict, ck_b: dict):
     for k in ck_a["trainable"]:
         assert torch.equal(ck_a["trainable"][k], ck_b["trainable"][k]), f"{k} differs from the uninterrupted run"
     assert torch.equal(ck_a["log_alpha"], ck_b["log_alpha"])
-    for name in ("optimizer", "a_optimizer"):
+    assert all(torch.equal(x, y) for x, y in zip(ck_a["llm_target"], ck_b["llm_target"], strict=True))
+    for name in ("q_optimizer", "actor_optimizer", "a_optimizer"):
         sa, sb = ck_a[name]["state"], ck_b[name]["state"]
         assert sa.keys() == sb.keys()
         for i in sa:
@@ -550,26 +552,78 @@ def test_resume_reproduces_uninterrupted_run(runner, tiny_dirs):
     _assert_same_final(ck_a, b2.checkpoint())
 
 
-def test_separate_steps_with_target_llm_resume_exactly_and_the_target_lags(runner, tiny_dirs):
-    """--separate-steps --target-llm: two Adams and a Polyak copy of the adapters, all in the checkpoint, so a resumed
-    run ends exactly where the uninterrupted one does; the target adapters move, but lag the live ones."""
-    flags = ("--separate-steps", "--target-llm", "--lora-r", 4)
-    whole = runner.start("sac_sep_whole", small(tiny_dirs["llama"], "sep", 256, *flags))
-    first = runner.start("sac_sep_first", small(tiny_dirs["llama"], "sep", 192, *flags))
-    ck = first.check().checkpoint()
-    rest = runner.start("sac_sep_rest", ["--resume", first.checkpoint_dir(), "--total-timesteps", 256], cwd=first.cwd).check()
-    a, b = whole.check().checkpoint(), rest.checkpoint()
-    assert a["updates"] == b["updates"] == n_updates(256) and ck["actor_optimizer"]["state"]
-    _assert_same_final(a, b)
-    for x, y in zip(a["llm_target"], b["llm_target"]):
-        assert torch.equal(x, y)
-    lora_b = [k for k in a["trainable"] if "lora_B" in k]  # zero at init, in the live and the target adapters
-    names = [n for n in a["trainable"] if "lora_" in n]
-    target = dict(zip(names, a["llm_target"]))
-    for k in lora_b:
-        live, lagging = a["trainable"][k], target[k]
-        assert lagging.any() and (lagging - live).abs().max() > 0  # moved, and not onto the live weights
-        assert lagging.norm() < live.norm()  # tau 0.005 per update: far behind
+def test_target_adapters_move_but_lag_the_live_ones(runner, tiny_dirs):
+    """The target critic's LLM weights are Polyak copies of the adapters: they move, but stay far behind."""
+    ck = base_run(runner, tiny_dirs).check().checkpoint()
+    assert ck["actor_optimizer"]["state"] and ck["q_optimizer"]["state"]
+    names = [n for n in ck["trainable"] if "lora_" in n]  # the LLM's trained weights, in the order of llm_target
+    assert len(names) == len(ck["llm_target"])
+    for name, lagging in zip(names, ck["llm_target"]):
+        if "lora_B" in name:  # zero at init, in the live and the target adapters
+            live = ck["trainable"][name]
+            assert lagging.any() and (lagging - live).abs().max() > 0  # moved, and not onto the live weights
+            assert lagging.norm() < live.norm()  # tau 0.005 per update, 34 updates: far behind
+
+
+def _transitions(states: list[sg.State], rewards, discounts) -> list[sg.Transition]:
+    """Transitions between the given states (each to the next, cyclically), as NStep would emit them."""
+    return [
+        sg.Transition(s, i % len(s.actions), r, states[(i + 1) % len(states)], d)
+        for i, (s, r, d) in enumerate(zip(states, rewards, discounts))
+    ]
+
+
+def test_td_target_reads_the_target_critic_and_the_live_actor(tiny_dirs, one_thread):
+    """Eq. 3's bootstrap: pi(.|s') of the live weights, Q(s', .) of the target heads on the target LLM weights,
+    against a naive copy of the agent that holds the target weights; the live weights are left as they were."""
+    agent = _agent(tiny_dirs["llama"], lora_r=4)
+    llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    llm_target = (llm_params, [p.detach() + 0.5 * torch.randn_like(p) for p in llm_params])
+    for head in agent.qf_target.parameters():
+        head.data += 0.5 * torch.randn_like(head)
+    batch = _transitions(_states(), rewards=[1.0, 0.0, 0.5, 0.0, 1.0, 0.25], discounts=[0.9, 0.0, 0.81, 0.9, 0.0, 0.5])
+    live_before = [p.detach().clone() for p in llm_params]
+    alpha = 0.3
+    target = sg.td_target(agent, batch, alpha, llm_target)
+    assert all(torch.equal(p, q) for p, q in zip(llm_params, live_before))
+    naive = copy.deepcopy(agent)
+    naive.qf = naive.qf_target
+    for p, v in zip([p for p in naive.llm.parameters() if p.requires_grad], llm_target[1]):
+        p.data.copy_(v)
+    with torch.no_grad():
+        for i, t in enumerate(batch):
+            y = t.ret
+            if t.discount > 0:
+                logp = agent([t.next_state])[0][0]
+                q = naive([t.next_state])[1][:, 0].min(0).values
+                y += t.discount * (logp.exp() * (q - alpha * logp)).sum().item()
+            assert abs(target[i].item() - y) < 1e-5, (i, target[i].item(), y)
+    assert target[1].item() == 0.0 and target[4].item() == 1.0  # terminated: the reward alone
+    # A random target critic differs from the live one: the test would catch reading the live weights.
+    live_q = sg.td_target(agent, batch, alpha, (llm_params, [p.detach().clone() for p in llm_params]))
+    assert (live_q - target).abs().max() > 1e-3
+
+
+def test_critic_and_actor_backward_reach_what_each_step_trains(tiny_dirs, one_thread):
+    """The critic's gradient reaches the heads and, with llm_grad, the adapters (nothing of the LLM without); the
+    actor's reaches the adapters, never the heads (it reads Q as a constant)."""
+    agent = _agent(tiny_dirs["llama"], lora_r=4)
+    llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
+    llm_target = (llm_params, [p.detach().clone() for p in llm_params])
+    batch = _transitions(_states(), rewards=[1.0, 0.0, 0.5, 0.0, 1.0, 0.25], discounts=[0.9] * 6)
+    chunks = [batch[:4], batch[4:]]
+    for llm_grad in (True, False):
+        agent.zero_grad(set_to_none=True)
+        stats = sg.critic_backward(agent, chunks, 0.1, llm_grad, llm_target)
+        assert all(p.grad is not None and p.grad.any() for p in agent.qf.parameters())
+        assert all((p.grad is not None) == llm_grad for p in llm_params)
+        assert stats["qf_loss"] > 0 and set(stats) == {"qf_loss", "entropy", "qf1_values", "qf2_values"}
+    agent.zero_grad(set_to_none=True)
+    entropy, stats = sg.actor_backward(agent, chunks, 0.1)
+    assert all(p.grad is None for p in agent.qf.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in llm_params)
+    assert entropy.shape == (len(batch),) and abs(stats["entropy"] - entropy.mean()) < 1e-6
 
 
 def test_sigint_checkpoints_and_resumes(runner, tiny_dirs):
