@@ -367,11 +367,11 @@ def load_runs(work: Path, goal_types: tuple[str, ...], env_name: str = pt.NAME) 
     return runs
 
 
-def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], end: float | None = None, points: int = 1000):
-    """Mean and std over seeds on a common grid from 0 to the shortest run's end (or `end`); each seed's
+def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], end: float | None = None, points: int = 1000, start=0.0):
+    """Mean and std over seeds on a common grid from `start` to the shortest run's end (or `end`); each seed's
     curve is interpolated linearly between its logged points and starts at its first point."""
     end = min(x[-1] for x, _ in curves) if end is None else end
-    grid = np.linspace(0, end, points)
+    grid = np.linspace(start, end, points)
     ys = np.stack([np.interp(grid, x, y) for x, y in curves])
     return grid, ys.mean(0), ys.std(0)
 
