@@ -90,9 +90,9 @@ class Args:
     gradient_updates: int = 2
     """gradient updates per update (Table 2: 2)"""
     policy_lr: float = 1e-4
-    """Adam learning rate of the actor (the LLM adapters)"""
+    """Adam learning rate of the actor step (over the LLM adapters; Table 2)"""
     q_lr: float = 1e-4
-    """Adam learning rate of the critic MLP heads"""
+    """Adam learning rate of the critic step (over the Q heads and, with --critic-grad-llm, the adapters; Table 2)"""
     alpha: float = 0.005
     """initial entropy coefficient (Table 2: 0.005)"""
     autotune: bool = True
