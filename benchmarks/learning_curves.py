@@ -493,7 +493,8 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
     right.set_title("Time efficiency")
     actor = "tiny random transformer actor" if args.actor == "tiny" else "SmolLM2-135M-Instruct actor (LoRA)"
     scene = "all goal types" if full else " + ".join(goal_types) + " goals"
-    fig.suptitle(f"Playground-Text, {objects} objects, {scene}; {actor}", fontsize=10)
+    commits = ", ".join(sorted({c for seeds in runs.values() for r in seeds for c in r["commit"].split(", ")}))
+    fig.suptitle(f"Playground-Text, {objects} objects, {scene}; {actor}; runs at commit {commits}", fontsize=10)
     fig.tight_layout()
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=120)
