@@ -1,14 +1,15 @@
 """SAC-GLAM's update, variant by variant: which of the authors' choices stop the collapse after the critic warm-up?
 
-    python benchmarks/sac_update.py --variants separate --seeds 2      # run (or resume) pieces, one run at a time
+    python benchmarks/sac_update.py --variants short_wait --seeds 2    # run (or resume) pieces, one run at a time
     python benchmarks/sac_update.py --plot-only                        # the table from the logs so far
 
 sac_glam.py on the pretrained SmolLM2 actor with benchmarks/learning_curves.py's --actor smollm2 settings (the
 simplified env of Appendix B, batch 64, 1 gradient update per 32 env steps, a 125-update critic warm-up, Table 2's
 alpha 0.005, the collapse case), to --steps env steps, one run at a time on every core, in resumable pieces of
 --max-minutes (SIGTERM: the script saves; the next call resumes). Each variant adds flags on top of the scripts'
-defaults at commit 4e1401e (RUN_COMMIT), where the variants ran: since then the scripts have the last variant's
-update as their only one, without flags, so running a variant needs a worktree of that commit:
+defaults. warmup_llm, separate and target_llm ran at commit 4e1401e (RUN_COMMIT), where their flags exist: since
+then the scripts have target_llm's update as their only one, without flags, so running those needs a worktree of
+that commit (the others, e.g. short_wait, run from this one):
 
     git worktree add ../sac_update_wt 4e1401e && cd ../sac_update_wt
     python benchmarks/sac_update.py --variants separate --seeds 3 --work-dir <this checkout>/benchmarks/sac_update_runs
@@ -45,9 +46,14 @@ VARIANTS = {
     "warmup_llm": ("+ the warm-up trains the critic through the LLM (Section 2.2, Appendix B)", []),
     "separate": ("+ separate critic and actor steps, each its own Adam", ["--separate-steps"]),
     "target_llm": ("+ the target critic lags the LLM too (target adapters)", ["--separate-steps", "--target-llm"]),
-    "head": ("target_llm's update, the scripts' only one since RUN_COMMIT (learning_curves.py's SmolLM2 runs)", None),
+    "head": ("target_llm's update, the scripts' only one since 4e1401e (learning_curves.py's SmolLM2 runs)", None),
+    "short_wait": (
+        "head + a shorter wait: learning starts 1,024, 40 warm-up updates (the actor from 2,304 env steps)",
+        ["--learning-starts", "1024", "--critic-warmup-updates", "40"],
+    ),
 }
 RUN_COMMIT = "4e1401e"
+AT_RUN_COMMIT = ("warmup_llm", "separate", "target_llm")  # their flags exist at RUN_COMMIT only; the others' after it
 RUNS_OF = {
     name: lc.ROOT / "benchmarks" / f"learning_curves_smollm2_runs{end}" for name, end in (("today", "_2f9516f"), ("head", ""))
 }
@@ -55,7 +61,7 @@ RUNS_OF = {
 
 @dataclasses.dataclass
 class Args:
-    variants: tuple[str, ...] = ("warmup_llm", "separate", "target_llm")
+    variants: tuple[str, ...] = ("short_wait",)
     """variants to run in this call (the table shows every variant with logs)"""
     seeds: tuple[int, ...] = (2,)
     """seeds to run in this call"""
@@ -87,8 +93,11 @@ ROW_KEYS = (
 
 def run(args: Args, work: Path):
     """Each selected (variant, seed) not done yet, one at a time, resumed from its checkpoint if it has one."""
-    if "separate_steps:" not in (lc.ROOT / "sac_glam.py").read_text():
-        sys.exit(f"error: the variants' flags exist at commit {RUN_COMMIT} only: run from a worktree of it (see --help)")
+    old = "separate_steps:" in (lc.ROOT / "sac_glam.py").read_text()
+    wrong = [name for name in args.variants if VARIANTS[name][1] is not None and (name in AT_RUN_COMMIT) != old]
+    if wrong:
+        where = "a commit after" if old else "a worktree of commit"
+        sys.exit(f"error: --variants {' '.join(wrong)} run from {where} {RUN_COMMIT} (see --help)")
     for sub in ("logs", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     threads = str(os.cpu_count() or 1)
@@ -155,8 +164,14 @@ def summary(run_dir: str, steps: int, warmup_end: int) -> dict[str, str]:
     }
 
 
+def warmup_end(flags: list[str]) -> int:
+    """The env step where the variant's actor starts: learning starts + warm-up updates, one per 32 env steps."""
+    value = {"--learning-starts": 2048, "--critic-warmup-updates": 125}  # learning_curves.py's SmolLM2 settings
+    value |= {flag: int(flags[flags.index(flag) + 1]) for flag in value if flag in flags}
+    return value["--learning-starts"] + value["--critic-warmup-updates"] * 32
+
+
 def write_table(args: Args, work: Path):
-    warmup_end = 2048 + 125 * 32  # learning starts + 125 updates, one per 32 env steps
     lines = [
         f"| variant | seed | {' | '.join(ROW_KEYS)} | commit | machine |",
         "|---|---|" + "---|" * len(ROW_KEYS) + "---|---|",
@@ -165,7 +180,7 @@ def write_table(args: Args, work: Path):
         base, algo = (RUNS_OF[name], "sac_glam") if name in RUNS_OF else (work, f"sac_glam_{name}")
         for run_dir in sorted(glob.glob(str(base / "runs" / f"PlaygroundText__{algo}__*"))):
             seed = Path(run_dir).name.split("__")[2]
-            row = summary(run_dir, args.steps, warmup_end)
+            row = summary(run_dir, args.steps, warmup_end(VARIANTS[name][1] or []))
             info = lc.run_log(base, "sac_glam" if name in RUNS_OF else name, seed)
             lines.append(
                 f"| {name} | {seed} | {' | '.join(row[k] for k in ROW_KEYS)} | {info['commit']} | {info['machine']} |"
@@ -173,7 +188,8 @@ def write_table(args: Args, work: Path):
     legend = "\n".join(f"- **{name}**: {what}" for name, (what, _) in VARIANTS.items())
     text = (
         f"SAC-GLAM's update, variant by variant (benchmarks/sac_update.py): SmolLM2, simplified env, alpha 0.005, "
-        f"batch 64, 125-update warm-up ending at {warmup_end:,} env steps, cut at {args.steps:,} env steps.\n\n"
+        f"batch 64, 125-update warm-up ending at {warmup_end([]):,} env steps (unless the variant says otherwise), cut at "
+        f"{args.steps:,} env steps.\n\n"
         f"{legend}\n\n" + "\n".join(lines) + "\n"
     )
     Path(args.table).write_text(text)
