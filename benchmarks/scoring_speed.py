@@ -336,9 +336,10 @@ class NaiveAgent(sac_glam.Agent):
 # One gradient update, as in sac_glam.py's training loop
 # --------------------------------------------------------------------------------------------------
 class Updater:
-    """One gradient update past the warm-up: the critic step (sac_glam.critic_backward through the LLM, its Adam), the
-    actor step on Q of the updated critic (sac_glam.actor_backward, its Adam), the alpha step and the Polyak update of
-    the target heads and adapters. `seconds` holds the last call's seconds per phase (critic, actor, optimizer steps)."""
+    """One gradient update as sac_glam.py's Learn block makes it: the critic step (sac_glam.critic_backward through the
+    LLM, its Adam), then, past the warm-up, the actor step on Q of the updated critic (sac_glam.actor_backward, its Adam)
+    and the alpha step; the Polyak update of the target heads and adapters. `seconds` holds the last call's seconds per
+    phase (critic, actor, optimizer steps)."""
 
     def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
         self.agent, self.args = agent, args
@@ -350,7 +351,7 @@ class Updater:
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
         self.seconds: dict[str, float] = {}
 
-    def __call__(self, batch: list[sac_glam.Transition], chunk_size: int, step: bool = True) -> dict[str, float]:
+    def __call__(self, batch: list[sac_glam.Transition], chunk_size: int, step: bool = True, warmup: bool = False) -> dict:
         agent, args = self.agent, self.args
         alpha = self.log_alpha.detach().exp()
         chunks = [batch[c : c + chunk_size] for c in range(0, len(batch), chunk_size)]
@@ -361,21 +362,24 @@ class Updater:
         if step:
             self.q_optimizer.step()
         t2 = time.perf_counter()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        entropy, actor_stats = sac_glam.actor_backward(agent, chunks, alpha)
+        if not warmup:
+            self.actor_optimizer.zero_grad(set_to_none=True)
+            entropy, actor_stats = sac_glam.actor_backward(agent, chunks, alpha)
+            stats |= actor_stats
         t3 = time.perf_counter()
         if step:
-            self.actor_optimizer.step()
-            alpha_loss = (self.log_alpha.exp() * (entropy - args.target_entropy)).mean()
-            self.a_optimizer.zero_grad()
-            alpha_loss.backward()
-            self.a_optimizer.step()
+            if not warmup:
+                self.actor_optimizer.step()
+                alpha_loss = (self.log_alpha.exp() * (entropy - args.target_entropy)).mean()
+                self.a_optimizer.zero_grad()
+                alpha_loss.backward()
+                self.a_optimizer.step()
             with torch.no_grad():
                 targets = [*agent.qf_target.parameters(), *self.llm_target[1]]
                 for p, p_target in zip([*agent.qf.parameters(), *self.llm_params], targets):
                     p_target.lerp_(p, args.tau)
         self.seconds = {"critic": t1 - t0, "actor": t3 - t2, "step": t2 - t1 + time.perf_counter() - t3}
-        return stats | actor_stats
+        return stats
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import sac_glam  # noqa: E402
 from learning_curves import cpu_name  # noqa: E402
-from scoring_speed import activate_lora, replay_batch  # noqa: E402
+from scoring_speed import Updater, activate_lora, replay_batch  # noqa: E402
 
 KINDS = ("before, warm-up", "before, training", "now, warm-up", "now, training")
 
@@ -54,8 +54,9 @@ class Before:
         self.log_alpha = torch.tensor(math.log(args.alpha), requires_grad=True)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
 
-    def __call__(self, chunks: list[list[sac_glam.Transition]], warmup: bool):
-        agent, n = self.agent, sum(map(len, chunks))
+    def __call__(self, batch: list[sac_glam.Transition], chunk_size: int, warmup: bool):
+        chunks = [batch[c : c + chunk_size] for c in range(0, len(batch), chunk_size)]
+        agent, n = self.agent, len(batch)
         alpha = self.log_alpha.detach().exp()
         self.optimizer.zero_grad(set_to_none=True)
         entropies = []
@@ -86,38 +87,6 @@ class Before:
                     p_target.lerp_(p, self.args.tau)
 
 
-class Now:
-    """The scripts' update, as their Learn block makes it (one process: no all-reduce)."""
-
-    def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
-        self.agent, self.args = agent, args
-        self.llm_params = [p for p in agent.llm.parameters() if p.requires_grad]
-        self.q_optimizer = torch.optim.Adam(list(agent.qf.parameters()) + self.llm_params, lr=args.q_lr)
-        self.actor_optimizer = torch.optim.Adam(self.llm_params, lr=args.policy_lr)
-        self.llm_target = (self.llm_params, [p.detach().clone() for p in self.llm_params])
-        self.log_alpha = torch.tensor(math.log(args.alpha), requires_grad=True)
-        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
-
-    def __call__(self, chunks: list[list[sac_glam.Transition]], warmup: bool):
-        agent, args = self.agent, self.args
-        alpha = self.log_alpha.detach().exp()
-        self.q_optimizer.zero_grad(set_to_none=True)
-        sac_glam.critic_backward(agent, chunks, alpha, True, self.llm_target)
-        self.q_optimizer.step()
-        if not warmup:
-            self.actor_optimizer.zero_grad(set_to_none=True)
-            entropy, _ = sac_glam.actor_backward(agent, chunks, alpha)
-            self.actor_optimizer.step()
-            alpha_loss = (self.log_alpha.exp() * (entropy - args.target_entropy)).mean()
-            self.a_optimizer.zero_grad()
-            alpha_loss.backward()
-            self.a_optimizer.step()
-        with torch.no_grad():
-            targets = [*agent.qf_target.parameters(), *self.llm_target[1]]
-            for p, p_target in zip([*agent.qf.parameters(), *self.llm_params], targets):
-                p_target.lerp_(p, args.tau)
-
-
 def measure(model_id: str, bf16: bool, batch_sizes: list[int], rounds: int, chunk_size: int) -> dict:
     """Median seconds per update of each kind and batch size, for one precision."""
     args = sac_glam.Args(model_id=model_id, cuda=False, bf16=bf16, update_chunk_size=chunk_size)
@@ -126,17 +95,16 @@ def measure(model_id: str, bf16: bool, batch_sizes: list[int], rounds: int, chun
     llm, tokenizer = sac_glam.load_llm(args, torch.device("cpu"), dtype)
     activate_lora(llm)
     agent = sac_glam.Agent(llm, tokenizer, args, max_actions=8, device=torch.device("cpu"))
-    updaters = {"before": Before(agent, args), "now": Now(agent, args)}
+    updaters = {"before": Before(agent, args), "now": Updater(agent, args)}  # now: as sac_glam.py's Learn block
     out = {}
     for size in batch_sizes:
         batch = replay_batch(size, seed=0, num_objects=3)
-        chunks = [batch[c : c + chunk_size] for c in range(0, size, chunk_size)]
         times = {kind: [] for kind in KINDS}
         for r in range(rounds + 1):  # round 0 makes the Adam states and the token caches: not timed
             for kind in KINDS:
                 which, phase = kind.split(", ")
                 start = time.perf_counter()
-                updaters[which](chunks, warmup=phase == "warm-up")
+                updaters[which](batch, chunk_size, warmup=phase == "warm-up")
                 if r:
                     times[kind].append(time.perf_counter() - start)
             print(f"  {'bf16' if agent.autocast else 'fp32'} batch {size} round {r}: {times}", flush=True)
