@@ -238,9 +238,23 @@ def checkpoint_of(work: Path, algo: str, seed: int, env_name: str = pt.NAME) -> 
     return os.path.dirname(found[-1]) if found else None
 
 
+def set_aside(work: Path, algo: str, seed: int, env_name: str = pt.NAME) -> list[Path]:
+    """Move the log and TensorBoard events of an unfinished run without a checkpoint (paused on another machine)
+    into work/superseded/<time>/: it restarts from step 0, and its pieces must not count as a second seed."""
+    old = [*glob.glob(str(work / "runs" / f"{env_name}__{algo}__{seed}__*")), str(work / "logs" / f"{algo}_{seed}.log")]
+    moved, stamp = [], time.strftime("%Y%m%dT%H%M%S")
+    for path in filter(Path.exists, map(Path, old)):
+        dest = work / "superseded" / stamp / path.relative_to(work)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        moved.append(dest)
+        log(f"{algo} seed {seed} has no checkpoint here: its earlier piece {path.name} moved to {dest.parent}; it restarts")
+    return moved
+
+
 def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name: str = pt.NAME):
     """Run the selected (algorithm, seed) pieces as subprocesses, --jobs at a time: finished ones are skipped, paused
-    ones resumed from their checkpoint; after --max-minutes the runs get SIGTERM (they save) and the call returns.
+    ones resumed from their checkpoint (without one: set_aside, then a fresh start); after --max-minutes the runs get SIGTERM (they save) and the call returns.
     `command_of(algo, seed)` gives a run's command line (default: `command` with this benchmark's tiny actor)."""
     if command_of is None:
         model = build_model(work / "model") if args.actor == "tiny" else ""
@@ -267,6 +281,8 @@ def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name:
             resume = checkpoint_of(work, algo, seed, env_name)
             if resume:  # the saved args are used; the command's --total-timesteps may extend the run
                 cmd += ["--resume", resume]
+            else:
+                set_aside(work, algo, seed, env_name)
             out = open(work / "logs" / f"{algo}_{seed}.log", "a")
             out.write(f"# {'resume' if resume else 'start'} at commit {COMMIT}, {threads} threads, {cpu_name()}\n")
             out.flush()

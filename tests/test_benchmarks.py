@@ -45,3 +45,29 @@ def test_overlapping_seeds_are_a_tie_and_one_seed_gets_no_interval():
     assert "p = 0.67" in text and text.endswith("not significant at this budget.")
     text = learning_curves.claim(runs_of(sac_glam=[0.5, 0.7], ppo_glam=[0.6]), "sac_glam", "ppo_glam")
     assert text.endswith("(2 vs 1 seeds): no interval with a single seed, so nothing can be called significant.")
+
+
+def test_a_paused_run_without_its_checkpoint_is_set_aside_and_not_read_as_a_second_seed(tmp_path, monkeypatch):
+    # A piece paused on another machine left its events and log but no checkpoint: it restarts, so they move out
+    # of runs/ and logs/ (other seeds and algorithms stay), and a second set-aside does not overwrite the first.
+    stamps = iter(["20261202T190000", "20261202T200000", "20261202T210000"])
+    monkeypatch.setattr(learning_curves.time, "strftime", lambda fmt: next(stamps) if fmt == "%Y%m%dT%H%M%S" else "")
+    for run in ("PlaygroundText__sac_glam__3__111", "PlaygroundText__sac_glam__2__222", "PlaygroundText__ppo_glam__3__333"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "events").write_text(run)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "sac_glam_3.log").write_text("piece 1")
+    moved = learning_curves.set_aside(tmp_path, "sac_glam", 3)
+    first = tmp_path / "superseded" / "20261202T190000"
+    assert sorted(moved) == [first / "logs" / "sac_glam_3.log", first / "runs" / "PlaygroundText__sac_glam__3__111"]
+    assert (first / "runs" / "PlaygroundText__sac_glam__3__111" / "events").read_text() == "PlaygroundText__sac_glam__3__111"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "PlaygroundText__ppo_glam__3__333",
+        "PlaygroundText__sac_glam__2__222",
+    ]
+    assert not (tmp_path / "logs" / "sac_glam_3.log").exists()
+    (tmp_path / "logs" / "sac_glam_3.log").write_text("piece 2")
+    learning_curves.set_aside(tmp_path, "sac_glam", 3)
+    assert (first / "logs" / "sac_glam_3.log").read_text() == "piece 1"
+    assert (tmp_path / "superseded" / "20261202T200000" / "logs" / "sac_glam_3.log").read_text() == "piece 2"
+    assert learning_curves.set_aside(tmp_path, "sac_glam", 4) == []
