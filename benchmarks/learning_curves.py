@@ -254,7 +254,8 @@ def set_aside(work: Path, algo: str, seed: int, env_name: str = pt.NAME) -> list
 
 def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name: str = pt.NAME):
     """Run the selected (algorithm, seed) pieces as subprocesses, --jobs at a time: finished ones are skipped, paused
-    ones resumed from their checkpoint (without one: set_aside, then a fresh start); after --max-minutes the runs get SIGTERM (they save) and the call returns.
+    ones resumed from their checkpoint (without one: set_aside, then a fresh start); after --max-minutes the runs get
+    SIGTERM (they save) and the call returns.
     `command_of(algo, seed)` gives a run's command line (default: `command` with this benchmark's tiny actor)."""
     if command_of is None:
         model = build_model(work / "model") if args.actor == "tiny" else ""
