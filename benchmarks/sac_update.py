@@ -15,9 +15,8 @@ that commit (the others, e.g. short_wait, run from this one):
     python benchmarks/sac_update.py --variants separate --seeds 3 --work-dir <this checkout>/benchmarks/sac_update_runs
 
 "today" is the update before the warm-up trained the LLM: its runs are learning_curves.py's SmolLM2 SAC-GLAM seeds
-at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f); "head" is learning_curves.py's SmolLM2 SAC-GLAM seeds
-at the scripts' update (benchmarks/learning_curves_smollm2_runs), both cut at --steps. The table (docs/sac_update.md)
-gives per run: area under the rolling success curve, success at the end and its lowest value after the warm-up,
+at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f), cut at --steps. The variants run in bf16 where the CPU
+has it, as those did (learning_curves.py's SmolLM2 runs are fp32). The table (docs/sac_update.md) gives per run: area under the rolling success curve, success at the end and its lowest value after the warm-up,
 the policy's lowest entropy after the warm-up, Q of the taken actions at the end of the warm-up and at the end,
 qf_loss over the last 2,048 env steps, and seconds per gradient update (median, warm-up and after).
 """
@@ -46,7 +45,7 @@ VARIANTS = {
     "warmup_llm": ("+ the warm-up trains the critic through the LLM (Section 2.2, Appendix B)", []),
     "separate": ("+ separate critic and actor steps, each its own Adam", ["--separate-steps"]),
     "target_llm": ("+ the target critic lags the LLM too (target adapters)", ["--separate-steps", "--target-llm"]),
-    "head": ("target_llm's update, the scripts' only one since 4e1401e (learning_curves.py's SmolLM2 runs)", None),
+    "head": ("target_llm's update, the scripts' only one since 4e1401e", []),
     "short_wait": (
         "head + a shorter wait: learning starts 1,024, 40 warm-up updates (the actor from 2,304 env steps)",
         ["--learning-starts", "1024", "--critic-warmup-updates", "40"],
@@ -54,9 +53,7 @@ VARIANTS = {
 }
 RUN_COMMIT = "4e1401e"
 AT_RUN_COMMIT = ("warmup_llm", "separate", "target_llm")  # their flags exist at RUN_COMMIT only; the others' after it
-RUNS_OF = {
-    name: lc.ROOT / "benchmarks" / f"learning_curves_smollm2_runs{end}" for name, end in (("today", "_2f9516f"), ("head", ""))
-}
+RUNS_OF = {"today": lc.ROOT / "benchmarks" / "learning_curves_smollm2_runs_2f9516f"}
 
 
 @dataclasses.dataclass
@@ -108,6 +105,7 @@ def run(args: Args, work: Path):
             if VARIANTS[name][1] is None or (work / "done" / f"{name}_{seed}").exists():
                 continue
             cmd = lc.command("sac_glam", seed, args.steps, "", lc.Args(actor="smollm2")) + VARIANTS[name][1]
+            cmd.remove("--no-bf16")  # bf16 where native, as every row of the table so far
             cmd[cmd.index("--exp-name") + 1] = f"sac_glam_{name}"
             found = sorted(glob.glob(str(work / "checkpoints" / f"PlaygroundText__sac_glam_{name}__{seed}__*")))
             cmd += ["--resume", found[-1]] if found else []
@@ -173,8 +171,8 @@ def warmup_end(flags: list[str]) -> int:
 
 def write_table(args: Args, work: Path):
     lines = [
-        f"| variant | seed | {' | '.join(ROW_KEYS)} | commit | machine |",
-        "|---|---|" + "---|" * len(ROW_KEYS) + "---|---|",
+        f"| variant | seed | {' | '.join(ROW_KEYS)} | precision | commit | machine |",
+        "|---|---|" + "---|" * len(ROW_KEYS) + "---|---|---|",
     ]
     for name, (what, _) in VARIANTS.items():
         base, algo = (RUNS_OF[name], "sac_glam") if name in RUNS_OF else (work, f"sac_glam_{name}")
@@ -183,7 +181,8 @@ def write_table(args: Args, work: Path):
             row = summary(run_dir, args.steps, warmup_end(VARIANTS[name][1] or []))
             info = lc.run_log(base, "sac_glam" if name in RUNS_OF else name, seed)
             lines.append(
-                f"| {name} | {seed} | {' | '.join(row[k] for k in ROW_KEYS)} | {info['commit']} | {info['machine']} |"
+                f"| {name} | {seed} | {' | '.join(row[k] for k in ROW_KEYS)} | {info['precision']} | {info['commit']} | "
+                f"{info['machine']} |"
             )
     legend = "\n".join(f"- **{name}**: {what}" for name, (what, _) in VARIANTS.items())
     text = (
