@@ -16,8 +16,9 @@ that commit (the others, e.g. short_wait, run from this one):
 
 "today" is the update before the warm-up trained the LLM: its runs are learning_curves.py's SmolLM2 SAC-GLAM seeds
 at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f), cut at --steps. The variants run in bf16 where the CPU
-has it, as those did (learning_curves.py's SmolLM2 runs are fp32). The table (docs/sac_update.md) gives per run: area under the rolling success curve, success at the end and its lowest value after the warm-up,
-the policy's lowest entropy after the warm-up, Q of the taken actions at the end of the warm-up and at the end,
+has it, as those did (learning_curves.py's SmolLM2 runs are fp32). The table (docs/sac_update.md) gives per run:
+area under the rolling success curve, success at the end and its lowest value after the warm-up, the policy's
+lowest entropy after the warm-up, Q of the taken actions at the end of the warm-up and at the end,
 qf_loss over the last 2,048 env steps, and seconds per gradient update (median, warm-up and after).
 """
 
