@@ -89,8 +89,8 @@ class Args:
     """n of the n-step returns (Eq. 3, Appendix F: 3)"""
     batch_size: int = 256
     """transitions per gradient update over all ranks"""
-    learning_starts: int = 2048
-    """env steps collected before the first update (paper: not given)"""
+    learning_starts: int = 256
+    """env steps collected before the first update (paper: not given; the first author's code: one batch of 256)"""
     update_frequency: int = 32
     """env steps between two updates (Table 2: 32, one step of the 32 envs)"""
     gradient_updates: int = 2
@@ -107,8 +107,8 @@ class Args:
     """target entropy of the automatic tuning, in nats (Table 3: 0.01)"""
     alpha_lr: float = 2e-3
     """Adam learning rate of log(alpha) (Table 2: 2e-3)"""
-    critic_warmup_updates: int = 250
-    """first gradient updates where only the critic learns (through the LLM with --critic-grad-llm); actor waits (Sec. 2.2)"""
+    critic_warmup_updates: int = 20
+    """first updates where only the critic learns (through the LLM with --critic-grad-llm), the actor waits (Sec. 2.2)"""
     twin_q: bool = True
     """two Q heads, min over them in targets and actor loss (clipped double Q; paper: not given)"""
     tau: float = 0.005

@@ -28,7 +28,7 @@ against env steps; charts/success_rate_vs_seconds: against wall-clock seconds, w
 config, tests/tiny_models.py, no pretraining) for all three, 3 seeds, --jobs runs at a time on one thread
 each. Settings: Tables 1-3 and Appendix C wherever they fit this CPU and a random actor (32 envs; SAC:
 update every 32 steps, 2 updates of batch 256, n-step 3, replay 100k, alpha autotuned with target entropy 0
-(0.01 with HER) and learning rate 2e-3, learning starts 2,048, 250-update critic warm-up, HER ratio 0.5;
+(0.01 with HER) and learning rate 2e-3, learning starts 256, 20-update critic warm-up, HER ratio 0.5;
 PPO: 2,048 transitions per update, 16 epochs, minibatch 256, clip 0.2, GAE lambda 0.99, entropy 0.01,
 value 0.5 on GLAM's clipped value loss, grad norm 0.5). Changed, and why (README, "Results", has the diagnostic runs behind these):
   - the actor is a random tiny model (hidden 64, 2 layers, 172-token env tokenizer with one token per
@@ -61,8 +61,8 @@ precision every CPU runs, so that a run resumed on another machine keeps its pre
 every core. Changed against Tables 1-3 for a 2-core CPU, where one SAC update of batch 64 takes about 40 s in fp32
 after the warm-up and one acting step of 32 envs 3-5 s (docs/performance.md):
   - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
-    compute per env step); critic warm-up 125 updates instead of the scripts' 250 (the paper gives no
-    length), so that it spans the same 4,000 env steps;
+    compute per env step); critic warm-up 10 updates instead of the scripts' 20, so that it spans the same
+    10 rounds of 32 env steps (the actor from 576 env steps);
   - PPO: 2 epochs instead of 16 (16 transitions of gradient per env step would cost 8x SAC's 2; with 2
     epochs the two spend about the same compute per env step), minibatch 256, 2,048 transitions per update;
   - 20,480 env steps per run instead of Figure 2's 400k (the horizon where HER should reach 80%), seeds as
@@ -215,7 +215,7 @@ def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[st
                 "--gradient-updates",
                 "1",
                 "--critic-warmup-updates",
-                "125",
+                "10",
                 "--checkpoint-frequency",
                 "25",
             ]

@@ -1,15 +1,19 @@
-"""SAC-GLAM's update, variant by variant: which of the authors' choices stop the collapse after the critic warm-up?
+"""SAC-GLAM's update, variant by variant: which of the authors' choices stop the collapse after the critic warm-up,
+and how long must the actor wait?
 
     python benchmarks/sac_update.py --variants short_wait --seeds 2    # run (or resume) pieces, one run at a time
     python benchmarks/sac_update.py --plot-only                        # the table from the logs so far
 
 sac_glam.py on the pretrained SmolLM2 actor with benchmarks/learning_curves.py's --actor smollm2 settings (the
-simplified env of Appendix B, batch 64, 1 gradient update per 32 env steps, a 125-update critic warm-up, Table 2's
-alpha 0.005, the collapse case), to --steps env steps, one run at a time on every core, in resumable pieces of
---max-minutes (SIGTERM: the script saves; the next call resumes). Each variant adds flags on top of the scripts'
-defaults. warmup_llm, separate and target_llm ran at commit 4e1401e (RUN_COMMIT), where their flags exist: since
-then the scripts have target_llm's update as their only one, without flags, so running those needs a worktree of
-that commit (the others, e.g. short_wait, run from this one):
+simplified env of Appendix B, batch 64, 1 gradient update per 32 env steps, Table 2's alpha 0.005, the collapse
+case), to --steps env steps, one run at a time on every core, in resumable pieces of --max-minutes (SIGTERM: the
+script saves; the next call resumes). Each variant adds flags on top of those settings. Every variant but
+short_wait has the long wait (LONG_WAIT: learning starts 2,048, 125 critic-only updates, the actor from 6,048 env
+steps); short_wait has the scripts' own (learning starts 256, 10 critic-only updates at this update frequency, the
+actor from 576 env steps: the first author's code waits for one batch of 256 and 10 update rounds).
+warmup_llm, separate and target_llm ran at commit 4e1401e (RUN_COMMIT), where their flags exist: since then the
+scripts have target_llm's update as their only one, without flags, so running those needs a worktree of that commit
+(long_wait and short_wait run from this one):
 
     git worktree add ../sac_update_wt 4e1401e && cd ../sac_update_wt
     python benchmarks/sac_update.py --variants separate --seeds 3 --work-dir <this checkout>/benchmarks/sac_update_runs
@@ -17,9 +21,9 @@ that commit (the others, e.g. short_wait, run from this one):
 "today" is the update before the warm-up trained the LLM: its runs are learning_curves.py's SmolLM2 SAC-GLAM seeds
 at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f), cut at --steps. The variants run in bf16 where the CPU
 has it, as those did (learning_curves.py's SmolLM2 runs are fp32). The table (docs/sac_update.md) gives per run:
-area under the rolling success curve, success at the end and its lowest value after the warm-up, the policy's
-lowest entropy after the warm-up, Q of the taken actions at the end of the warm-up and at the end,
-qf_loss over the last 2,048 env steps, and seconds per gradient update (median, warm-up and after).
+the env step where the actor starts, area under the rolling success curve, success at the end and its lowest value
+after the actor starts, the policy's lowest entropy after it, Q of the taken actions when the actor starts and at
+the end, qf_loss over the last 2,048 env steps, and seconds per gradient update (median, warm-up and after).
 """
 
 from __future__ import annotations
@@ -40,17 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_curves as lc  # noqa: E402
 
 # variant -> (what it changes, flags added to learning_curves.py's SmolLM2 command at RUN_COMMIT). Cumulative, in this
-# order; None: runs of learning_curves.py, read from RUNS_OF.
+# order; None: runs of learning_curves.py, read from RUNS_OF. LONG_WAIT: the wait of every variant before short_wait.
+LONG_WAIT = ["--learning-starts", "2048", "--critic-warmup-updates", "125"]
 VARIANTS = {
     "today": ("warm-up trains the critic heads only; one summed step; target heads on the live LLM", None),
-    "warmup_llm": ("+ the warm-up trains the critic through the LLM (Section 2.2, Appendix B)", []),
-    "separate": ("+ separate critic and actor steps, each its own Adam", ["--separate-steps"]),
-    "target_llm": ("+ the target critic lags the LLM too (target adapters)", ["--separate-steps", "--target-llm"]),
-    "head": ("target_llm's update, the scripts' only one since 4e1401e", []),
-    "short_wait": (
-        "head + a shorter wait: learning starts 1,024, 40 warm-up updates (the actor from 2,304 env steps)",
-        ["--learning-starts", "1024", "--critic-warmup-updates", "40"],
-    ),
+    "warmup_llm": ("+ the warm-up trains the critic through the LLM (Section 2.2, Appendix B)", LONG_WAIT),
+    "separate": ("+ separate critic and actor steps, each its own Adam", ["--separate-steps", *LONG_WAIT]),
+    "target_llm": ("+ the target critic lags the LLM too (target adapters)", ["--separate-steps", "--target-llm", *LONG_WAIT]),
+    "long_wait": ("target_llm's update, the scripts' one since 4e1401e, with the long wait", LONG_WAIT),
+    "short_wait": ("the scripts as they ship: long_wait's update, learning starts 256, 10 warm-up updates", []),
 }
 RUN_COMMIT = "4e1401e"
 AT_RUN_COMMIT = ("warmup_llm", "separate", "target_llm")  # their flags exist at RUN_COMMIT only; the others' after it
@@ -77,6 +79,7 @@ class Args:
 
 ROW_KEYS = (
     "reached",
+    "actor from",
     "area",
     "end",
     "lowest after warm-up",
@@ -151,6 +154,7 @@ def summary(run_dir: str, steps: int, warmup_end: int) -> dict[str, str]:
 
     return {
         "reached": f"{int(x[-1]):,}",
+        "actor from": f"{warmup_end:,}",
         "area": f"{np.interp(grid, x, success).mean():.3f}" if x[-1] >= steps else "-",
         "end": f"{success[-1]:.2f}",
         "lowest after warm-up": f"{success[after].min():.2f}" if after.any() else "-",
@@ -165,7 +169,7 @@ def summary(run_dir: str, steps: int, warmup_end: int) -> dict[str, str]:
 
 def warmup_end(flags: list[str]) -> int:
     """The env step where the variant's actor starts: learning starts + warm-up updates, one per 32 env steps."""
-    value = {"--learning-starts": 2048, "--critic-warmup-updates": 125}  # learning_curves.py's SmolLM2 settings
+    value = {"--learning-starts": 256, "--critic-warmup-updates": 10}  # learning_curves.py's SmolLM2 settings
     value |= {flag: int(flags[flags.index(flag) + 1]) for flag in value if flag in flags}
     return value["--learning-starts"] + value["--critic-warmup-updates"] * 32
 
@@ -179,7 +183,7 @@ def write_table(args: Args, work: Path):
         base, algo = (RUNS_OF[name], "sac_glam") if name in RUNS_OF else (work, f"sac_glam_{name}")
         for run_dir in sorted(glob.glob(str(base / "runs" / f"PlaygroundText__{algo}__*"))):
             seed = Path(run_dir).name.split("__")[2]
-            row = summary(run_dir, args.steps, warmup_end(VARIANTS[name][1] or []))
+            row = summary(run_dir, args.steps, warmup_end(VARIANTS[name][1] or LONG_WAIT))
             info = lc.run_log(base, "sac_glam" if name in RUNS_OF else name, seed)
             lines.append(
                 f"| {name} | {seed} | {' | '.join(row[k] for k in ROW_KEYS)} | {info['precision']} | {info['commit']} | "
@@ -188,8 +192,8 @@ def write_table(args: Args, work: Path):
     legend = "\n".join(f"- **{name}**: {what}" for name, (what, _) in VARIANTS.items())
     text = (
         f"SAC-GLAM's update, variant by variant (benchmarks/sac_update.py): SmolLM2, simplified env, alpha 0.005, "
-        f"batch 64, 125-update warm-up ending at {warmup_end([]):,} env steps (unless the variant says otherwise), cut at "
-        f"{args.steps:,} env steps.\n\n"
+        f"batch 64, 1 gradient update per 32 env steps, cut at {args.steps:,} env steps; the actor starts after "
+        f"the variant's wait (learning starts + critic-only updates: the 'actor from' column).\n\n"
         f"{legend}\n\n" + "\n".join(lines) + "\n"
     )
     Path(args.table).write_text(text)
