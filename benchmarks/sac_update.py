@@ -18,12 +18,13 @@ scripts have target_llm's update as their only one, without flags, so running th
     git worktree add ../sac_update_wt 4e1401e && cd ../sac_update_wt
     python benchmarks/sac_update.py --variants separate --seeds 3 --work-dir <this checkout>/benchmarks/sac_update_runs
 
-"today" is the update before the warm-up trained the LLM: its runs are learning_curves.py's SmolLM2 SAC-GLAM seeds
-at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f), cut at --steps. The variants run in bf16 where the CPU
-has it, as those did (learning_curves.py's SmolLM2 runs are fp32). The table (docs/sac_update.md) gives per run:
-the env step where the actor starts, area under the rolling success curve, success at the end and its lowest value
-after the actor starts, the policy's lowest entropy after it, Q of the taken actions when the actor starts and at
-the end, qf_loss over the last 2,048 env steps, and seconds per gradient update (median, warm-up and after).
+"heads_only" is 2f9516f's update (its warm-up trained the Q heads only): its runs are learning_curves.py's SmolLM2
+SAC-GLAM seeds at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f), cut at --steps. The variants run in
+bf16 where the CPU has it, as those did and as learning_curves.py's SmolLM2 runs do. The table (docs/sac_update.md)
+gives per run: the env step where the actor starts, area under the rolling success curve, success at the end and
+its lowest value after the actor starts, the policy's lowest entropy after it, Q of the taken actions when the actor
+starts and at the end, qf_loss over the last 2,048 env steps, and seconds per gradient update (median, warm-up and
+after).
 """
 
 from __future__ import annotations
@@ -47,16 +48,19 @@ import learning_curves as lc  # noqa: E402
 # order; None: runs of learning_curves.py, read from RUNS_OF. LONG_WAIT: the wait of every variant before short_wait.
 LONG_WAIT = ["--learning-starts", "2048", "--critic-warmup-updates", "125"]
 VARIANTS = {
-    "today": ("warm-up trains the critic heads only; one summed step; target heads on the live LLM", None),
+    "heads_only": (
+        "2f9516f's update: warm-up trains the critic heads only; one summed step; target heads on the live LLM",
+        None,
+    ),
     "warmup_llm": ("+ the warm-up trains the critic through the LLM (Section 2.2, Appendix B)", LONG_WAIT),
     "separate": ("+ separate critic and actor steps, each its own Adam", ["--separate-steps", *LONG_WAIT]),
     "target_llm": ("+ the target critic lags the LLM too (target adapters)", ["--separate-steps", "--target-llm", *LONG_WAIT]),
-    "long_wait": ("target_llm's update, the scripts' one since 4e1401e, with the long wait", LONG_WAIT),
+    "long_wait": ("target_llm's update without flags (the scripts' update from 4e1401e on), the long wait", LONG_WAIT),
     "short_wait": ("the scripts as they ship: long_wait's update, learning starts 256, 10 warm-up updates", []),
 }
 RUN_COMMIT = "4e1401e"
 AT_RUN_COMMIT = ("warmup_llm", "separate", "target_llm")  # their flags exist at RUN_COMMIT only; the others' after it
-RUNS_OF = {"today": lc.ROOT / "benchmarks" / "learning_curves_smollm2_runs_2f9516f"}
+RUNS_OF = {"heads_only": lc.ROOT / "benchmarks" / "learning_curves_smollm2_runs_2f9516f"}
 
 
 @dataclasses.dataclass
@@ -109,7 +113,6 @@ def run(args: Args, work: Path):
             if VARIANTS[name][1] is None or (work / "done" / f"{name}_{seed}").exists():
                 continue
             cmd = lc.command("sac_glam", seed, args.steps, "", lc.Args(actor="smollm2")) + VARIANTS[name][1]
-            cmd.remove("--no-bf16")  # bf16 where native, as every row of the table so far
             cmd[cmd.index("--exp-name") + 1] = f"sac_glam_{name}"
             found = sorted(glob.glob(str(work / "checkpoints" / f"PlaygroundText__sac_glam_{name}__{seed}__*")))
             cmd += ["--resume", found[-1]] if found else []

@@ -1,7 +1,9 @@
 """benchmarks/learning_curves.py's statement of the paper's claims, on hand-computed cases."""
 
 import importlib.util
+import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,46 @@ def test_a_paused_run_without_its_checkpoint_is_set_aside_and_not_read_as_a_seco
     assert (first / "logs" / "sac_glam_3.log").read_text() == "piece 1"
     assert (tmp_path / "superseded" / "20261202T200000" / "logs" / "sac_glam_3.log").read_text() == "piece 2"
     assert learning_curves.set_aside(tmp_path, "sac_glam", 4) == []
+
+
+def test_last_step_reads_the_last_progress_line(tmp_path):
+    log = tmp_path / "sac_glam_1.log"
+    assert learning_curves.last_step(log) == "no progress line yet"
+    log.write_text(
+        "# start at commit abc, 1 threads, CPU\n"
+        "step       512/10,240 | 6 SPS | 1.4 min | updates 9\n"
+        "step     1,024/10,240 | 6 SPS | 3.0 min | updates 25\n"
+        "stopped by signal; resume with --resume checkpoints/x\n"
+    )
+    assert learning_curves.last_step(log) == "env step 1,024 of 10,240"
+
+
+def test_the_study_on_one_cuda_device_keeps_the_gpu_and_bf16():
+    # On the CPU the SmolLM2 runs are told --no-cuda; on one CUDA device every run uses it, in bf16 (native there).
+    cpu = learning_curves.command("sac_glam", 2, 10_240, "", learning_curves.Args(actor="smollm2"))
+    cuda = learning_curves.command("sac_glam", 2, 10_240, "", learning_curves.Args(actor="smollm2", device="cuda"))
+    assert "--no-cuda" in cpu and "--no-bf16" not in cpu
+    assert [a for a in cpu if a != "--no-cuda"] == cuda
+    fp32 = learning_curves.command("ppo_glam", 2, 10_240, "", learning_curves.Args(actor="smollm2", bf16=False))
+    assert "--no-bf16" in fp32 and "--no-cuda" in fp32
+    assert "--no-cuda" not in learning_curves.tiny_settings("sac_glam", "m", learning_curves.Args(device="cuda"))
+
+
+def test_two_concurrent_tiny_runs_end_within_the_wall_clock_and_say_where_they_stopped(tmp_path, capsys):
+    # Two real runs at once (the GPU study's one process per run, here on the CPU): the short one finishes and is
+    # marked done; the endless one gets SIGTERM before --max-minutes, saves its checkpoint and its line says how far
+    # it got; the call ends within the limit.
+    model = learning_curves.build_model(tmp_path / "model")
+    args = learning_curves.Args(algos=("sac_glam", "sac_glam_her"), jobs=2, max_minutes=0.75)
+
+    def command_of(algo, seed):
+        return learning_curves.command(algo, seed, 320 if algo == "sac_glam" else 10**6, model, args)
+
+    t0 = time.time()
+    learning_curves.run_all(args, tmp_path, [1], command_of)
+    assert time.time() - t0 < 0.75 * 60 + 15
+    out = capsys.readouterr().out
+    assert re.search(r"done sac_glam seed 1 in ", out), out
+    assert re.search(r"paused sac_glam_her seed 1 at (env step [\d,]+ of 1,000,000|no progress line yet) after", out), out
+    assert (tmp_path / "done" / "sac_glam_1").exists() and not (tmp_path / "done" / "sac_glam_her_1").exists()
+    assert learning_curves.checkpoint_of(tmp_path, "sac_glam_her", 1) is not None
