@@ -11,9 +11,9 @@ script saves; the next call resumes). Each variant adds flags on top of those se
 short_wait has the long wait (LONG_WAIT: learning starts 2,048, 125 critic-only updates, the actor from 6,048 env
 steps); short_wait has the scripts' own (learning starts 256, 10 critic-only updates at this update frequency, the
 actor from 576 env steps: the first author's code waits for one batch of 256 and 10 update rounds).
-warmup_llm, separate and target_llm ran at commit 4e1401e (RUN_COMMIT), where their flags exist: since then the
-scripts have target_llm's update as their only one, without flags, so running those needs a worktree of that commit
-(long_wait and short_wait run from this one):
+warmup_llm, separate and target_llm ran at commit 4e1401e (RUN_COMMIT), where their flags exist: from 2d6d2a3 on
+the scripts have target_llm's update as their only one, without flags, so running those needs a worktree of that
+commit (long_wait and short_wait run from this one):
 
     git worktree add ../sac_update_wt 4e1401e && cd ../sac_update_wt
     python benchmarks/sac_update.py --variants separate --seeds 3 --work-dir <this checkout>/benchmarks/sac_update_runs
@@ -55,7 +55,7 @@ VARIANTS = {
     "warmup_llm": ("+ the warm-up trains the critic through the LLM (Section 2.2, Appendix B)", LONG_WAIT),
     "separate": ("+ separate critic and actor steps, each its own Adam", ["--separate-steps", *LONG_WAIT]),
     "target_llm": ("+ the target critic lags the LLM too (target adapters)", ["--separate-steps", "--target-llm", *LONG_WAIT]),
-    "long_wait": ("target_llm's update without flags (the scripts' update from 4e1401e on), the long wait", LONG_WAIT),
+    "long_wait": ("target_llm's update without flags (the scripts' default from 2d6d2a3 on), the long wait", LONG_WAIT),
     "short_wait": ("the scripts as they ship: long_wait's update, learning starts 256, 10 warm-up updates", []),
 }
 RUN_COMMIT = "4e1401e"

@@ -1,4 +1,4 @@
-"""Seconds per SAC-GLAM gradient update: the scripts' update against the one they made at commit 2f9516f.
+"""Seconds per SAC-GLAM gradient update: the scripts' update against 2f9516f's (the one the scripts made at that commit).
 
     python benchmarks/update_cost.py                     # SmolLM2: bf16 (where native) at batch 64 and 256, fp32 at 64
     python benchmarks/update_cost.py --model-id DIR --batch-sizes 8 --rounds 1 --precisions fp32 --out /tmp/x.md
@@ -7,13 +7,14 @@ One process loads the actor once per precision (sac_glam.load_llm, LoRA r 16, th
 that they change the outputs) and times one gradient update of each kind on the same replay-like batch (n-step
 transitions of random-policy episodes of the 3-object env, benchmarks/scoring_speed.py's replay_batch), the four
 kinds interleaved round by round after an untimed round:
-  before, warm-up   the critic loss into the Q heads only, on features of a no-grad LLM pass;
-  before, training  one summed critic + actor loss, one backward, one Adam; the target heads read the live LLM;
-  now, warm-up      the critic step alone, through the LLM (sac_glam.critic_backward);
-  now, training     the critic step, then the actor step on Q of the updated critic (sac_glam.actor_backward),
-                    each with its own Adam; the target critic read through the target adapters.
-Both include the alpha step and the Polyak update where their training updates make them. Medians of --rounds
-and the ratios now / before, all measured in this run; --out gets the table.
+  2f9516f's, warm-up   the critic loss into the Q heads only, on features of a no-grad LLM pass;
+  2f9516f's, training  one summed critic + actor loss, one backward, one Adam; the target heads read the live LLM;
+  scripts', warm-up    the critic step alone, through the LLM (sac_glam.critic_backward);
+  scripts', training   the critic step, then the actor step on Q of the updated critic (sac_glam.actor_backward),
+                       each with its own Adam; the target critic read through the target adapters.
+Both include the alpha step and the Polyak update where their training updates make them. Medians of --rounds and
+the ratios scripts' / 2f9516f's, all measured in this run; --out gets the table, whose last line names the CPU (model
+name and number, native bf16 or not), the commit and the torch version.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sac_glam  # noqa: E402
-from learning_curves import cpu_name  # noqa: E402
+from learning_curves import COMMIT, cpu_name  # noqa: E402
 from scoring_speed import Updater, activate_lora, replay_batch  # noqa: E402
 
-KINDS = ("before, warm-up", "before, training", "now, warm-up", "now, training")
+KINDS = ("2f9516f's, warm-up", "2f9516f's, training", "scripts', warm-up", "scripts', training")
 
 
-class Before:
+class Update2f9516f:
     """The update of 2f9516f: one summed loss, one backward, one Adam (warm-up: the heads only)."""
 
     def __init__(self, agent: sac_glam.Agent, args: sac_glam.Args):
@@ -87,6 +88,18 @@ class Before:
                     p_target.lerp_(p, self.args.tau)
 
 
+def cpu_detail() -> str:
+    """The CPU's model number and whether it computes bf16 natively (the model name alone is often generic)."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return "model not known"
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == "model"), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"model {model}, " + (" and ".join(native) if native else "no native bf16")
+
+
 def measure(model_id: str, bf16: bool, batch_sizes: list[int], rounds: int, chunk_size: int) -> dict:
     """Median seconds per update of each kind and batch size, for one precision."""
     args = sac_glam.Args(model_id=model_id, cuda=False, bf16=bf16, update_chunk_size=chunk_size)
@@ -95,7 +108,7 @@ def measure(model_id: str, bf16: bool, batch_sizes: list[int], rounds: int, chun
     llm, tokenizer = sac_glam.load_llm(args, torch.device("cpu"), dtype)
     activate_lora(llm)
     agent = sac_glam.Agent(llm, tokenizer, args, max_actions=8, device=torch.device("cpu"))
-    updaters = {"before": Before(agent, args), "now": Updater(agent, args)}  # now: as sac_glam.py's Learn block
+    updaters = {"2f9516f's": Update2f9516f(agent, args), "scripts'": Updater(agent, args)}  # as sac_glam.py's Learn block
     out = {}
     for size in batch_sizes:
         batch = replay_batch(size, seed=0, num_objects=3)
@@ -129,19 +142,21 @@ def main() -> int:
     start = time.time()
     sizes = {"bf16": opts.batch_sizes, "fp32": opts.fp32_batch_sizes}
     rows = [measure(opts.model_id, p == "bf16", sizes[p], opts.rounds, opts.update_chunk_size) for p in opts.precisions]
-    lines = ["| precision | batch | " + " | ".join(KINDS) + " | now / before, warm-up | now / before, training |"]
+    ratio_names = [f"scripts' / 2f9516f's, {phase}" for phase in ("warm-up", "training")]
+    lines = ["| precision | batch | " + " | ".join(KINDS) + " | " + " | ".join(ratio_names) + " |"]
     lines.append("|---|---|" + "---|" * (len(KINDS) + 2))
     for row in rows:
         for size, sec in row["seconds"].items():
-            ratios = [sec[f"now, {p}"] / sec[f"before, {p}"] for p in ("warm-up", "training")]
+            ratios = [sec[f"scripts', {p}"] / sec[f"2f9516f's, {p}"] for p in ("warm-up", "training")]
             cells = [f"{sec[k]:.2f} s" for k in KINDS] + [f"{x:.2f}x" for x in ratios]
             lines.append(f"| {row['precision']} | {size} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Seconds per gradient update (median of {opts.rounds} after an untimed round), {opts.model_id}, LoRA r 16, chunks of "
         f"{opts.update_chunk_size}, {opts.threads} threads, one run of benchmarks/update_cost.py ({(time.time() - start) / 60:.0f} min);",
-        f"replay transitions of the 3-object env. On: {cpu_name()}, {os.cpu_count()} cores, {platform.system()}, torch "
-        f"{torch.__version__}. bf16 falls back to fp32 where the CPU has no native bf16 (the precision column says which).",
+        f"replay transitions of the 3-object env. On: {cpu_name()} ({cpu_detail()}), {os.cpu_count()} cores, "
+        f"{platform.system()}, torch {torch.__version__}, at commit {COMMIT or 'unknown'}. bf16 falls back to fp32 "
+        "where the CPU has no native bf16 (the precision column says which).",
     ]
     Path(opts.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
