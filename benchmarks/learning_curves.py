@@ -3,7 +3,7 @@
     pip install matplotlib                           # benchmark-only requirement (the training scripts never plot)
     python benchmarks/learning_curves.py --seeds 1 2 # tiny random actor, 2 seeds x 3 scripts, 40-80 min on 2 cores
     python benchmarks/learning_curves.py --quick     # smoke check, under 10 min
-    python benchmarks/learning_curves.py --actor smollm2 --seeds 1 2 --max-minutes 150   # pretrained actor, bf16 CPUs
+    python benchmarks/learning_curves.py --actor smollm2 --algos sac_glam --seeds 1 --max-minutes 150  # one ~1.5 h run
     python benchmarks/learning_curves.py --actor smollm2 --plot-only                      # figure from the logs so far
     python benchmarks/learning_curves.py --actor smollm2 --device cuda --seeds 1 2 3 4 --max-minutes 9   # one GPU
     python benchmarks/learning_curves.py --env full --seeds 1    # Figure 2's env and 400k steps, tiny actor, in pieces
