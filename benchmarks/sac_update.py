@@ -186,7 +186,8 @@ def write_table(args: Args, work: Path):
         base, algo = (RUNS_OF[name], "sac_glam") if name in RUNS_OF else (work, f"sac_glam_{name}")
         for run_dir in sorted(glob.glob(str(base / "runs" / f"PlaygroundText__{algo}__*"))):
             seed = Path(run_dir).name.split("__")[2]
-            row = summary(run_dir, args.steps, warmup_end(VARIANTS[name][1] or LONG_WAIT))
+            flags = VARIANTS[name][1]
+            row = summary(run_dir, args.steps, warmup_end(LONG_WAIT if flags is None else flags))
             info = lc.run_log(base, "sac_glam" if name in RUNS_OF else name, seed)
             lines.append(
                 f"| {name} | {seed} | {' | '.join(row[k] for k in ROW_KEYS)} | {info['precision']} | {info['commit']} | "
