@@ -84,6 +84,7 @@ class Args:
 ROW_KEYS = (
     "reached",
     "actor from",
+    "lowest after learning starts",
     "area",
     "end",
     "lowest after warm-up",
@@ -134,8 +135,9 @@ def run(args: Args, work: Path):
             lc.log(f"done {name} seed {seed}")
 
 
-def summary(run_dir: str, steps: int, warmup_end: int) -> dict[str, str]:
-    """One run's row, from its TensorBoard events cut at `steps` env steps."""
+def summary(run_dir: str, steps: int, wait: tuple[int, int]) -> dict[str, str]:
+    """One run's row, from its TensorBoard events cut at `steps` env steps; wait: (learning starts, actor from)."""
+    learning_starts, warmup_end = wait
 
     def cut(tag: str) -> tuple[np.ndarray, np.ndarray]:
         x, y = lc.scalars(run_dir, tag)
@@ -160,6 +162,7 @@ def summary(run_dir: str, steps: int, warmup_end: int) -> dict[str, str]:
         "actor from": f"{warmup_end:,}",
         "area": f"{np.interp(grid, x, success).mean():.3f}" if x[-1] >= steps else "-",
         "end": f"{success[-1]:.2f}",
+        "lowest after learning starts": f"{success[x > learning_starts].min():.2f}",
         "lowest after warm-up": f"{success[after].min():.2f}" if after.any() else "-",
         "lowest entropy after warm-up": f"{entropy[ex > warmup_end].min():.2f}" if (ex > warmup_end).any() else "-",
         "Q warm-up end": q_at(warmup_end),
@@ -170,11 +173,11 @@ def summary(run_dir: str, steps: int, warmup_end: int) -> dict[str, str]:
     }
 
 
-def warmup_end(flags: list[str]) -> int:
-    """The env step where the variant's actor starts: learning starts + warm-up updates, one per 32 env steps."""
+def wait(flags: list[str]) -> tuple[int, int]:
+    """The env steps where the variant's updates start and its actor starts (warm-up updates: one per 32 env steps)."""
     value = {"--learning-starts": 256, "--critic-warmup-updates": 10}  # learning_curves.py's SmolLM2 settings
     value |= {flag: int(flags[flags.index(flag) + 1]) for flag in value if flag in flags}
-    return value["--learning-starts"] + value["--critic-warmup-updates"] * 32
+    return value["--learning-starts"], value["--learning-starts"] + value["--critic-warmup-updates"] * 32
 
 
 def write_table(args: Args, work: Path):
@@ -187,7 +190,7 @@ def write_table(args: Args, work: Path):
         for run_dir in sorted(glob.glob(str(base / "runs" / f"PlaygroundText__{algo}__*"))):
             seed = Path(run_dir).name.split("__")[2]
             flags = VARIANTS[name][1]
-            row = summary(run_dir, args.steps, warmup_end(LONG_WAIT if flags is None else flags))
+            row = summary(run_dir, args.steps, wait(LONG_WAIT if flags is None else flags))
             info = lc.run_log(base, "sac_glam" if name in RUNS_OF else name, seed)
             lines.append(
                 f"| {name} | {seed} | {' | '.join(row[k] for k in ROW_KEYS)} | {info['precision']} | {info['commit']} | "
