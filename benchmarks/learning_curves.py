@@ -1,7 +1,7 @@
 """Figure 2 at laptop scale: learning curves of sac_glam_her.py, sac_glam.py and ppo_glam.py on CPU.
 
     pip install matplotlib                           # benchmark-only requirement (the training scripts never plot)
-    python benchmarks/learning_curves.py --seeds 1 2 # tiny random actor, 2 seeds x 3 scripts, 40-80 min on 2 cores
+    python benchmarks/learning_curves.py --seeds 1 2 # tiny random actor, 2 seeds x 3 scripts, ~41 min on 2 cores
     python benchmarks/learning_curves.py --quick     # smoke check, under 10 min
     python benchmarks/learning_curves.py --actor smollm2 --algos sac_glam --seeds 1 --max-minutes 150  # one ~1.5 h run
     python benchmarks/learning_curves.py --actor smollm2 --plot-only                      # figure from the logs so far
