@@ -1,4 +1,4 @@
-"""benchmarks/learning_curves.py's statement of the paper's claims, on hand-computed cases."""
+"""benchmarks/learning_curves.py: its statement of the paper's claims on hand-computed cases, and its runner."""
 
 import importlib.util
 import re
@@ -106,7 +106,8 @@ def test_two_concurrent_tiny_runs_end_within_the_wall_clock_and_say_where_they_s
     args = learning_curves.Args(algos=("sac_glam", "sac_glam_her"), jobs=2, max_minutes=0.75)
 
     def command_of(algo, seed):
-        return learning_curves.command(algo, seed, 320 if algo == "sac_glam" else 10**6, model, args)
+        short = algo == "sac_glam"
+        return learning_curves.command(algo, seed, 320 if short else 10**6, model, args) + ["--log-frequency", "64"] * short
 
     t0 = time.time()
     learning_curves.run_all(args, tmp_path, [1], command_of)
@@ -116,3 +117,8 @@ def test_two_concurrent_tiny_runs_end_within_the_wall_clock_and_say_where_they_s
     assert re.search(r"paused sac_glam_her seed 1 at (env step [\d,]+ of 1,000,000|no progress line yet) after", out), out
     assert (tmp_path / "done" / "sac_glam_1").exists() and not (tmp_path / "done" / "sac_glam_her_1").exists()
     assert learning_curves.checkpoint_of(tmp_path, "sac_glam_her", 1) is not None
+    # The finished run learned: updates at env steps 256, 288 and 320 (learning starts 256), 2 gradient updates each.
+    last = re.findall(r"^step\s+([\d,]+)/320 .*\| updates (\d+) ", (tmp_path / "logs" / "sac_glam_1.log").read_text(), re.M)[
+        -1
+    ]
+    assert last == ("320", "6")
