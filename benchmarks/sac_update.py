@@ -1,8 +1,9 @@
 """SAC-GLAM's update, variant by variant: which of the authors' choices stop the collapse after the critic warm-up,
 and how long must the actor wait?
 
-    python benchmarks/sac_update.py --variants short_wait --seeds 2    # run (or resume) pieces, one run at a time
+    python benchmarks/sac_update.py --variants long_wait --seeds 2     # run (or resume) pieces, one run at a time
     python benchmarks/sac_update.py --plot-only                        # the table from the logs so far
+    python benchmarks/learning_curves.py --actor smollm2 --algos sac_glam --seeds 3   # a short_wait run (see below)
 
 sac_glam.py on the pretrained SmolLM2 actor with benchmarks/learning_curves.py's --actor smollm2 settings (the
 simplified env of Appendix B, batch 64, 1 gradient update per 32 env steps, Table 2's alpha 0.005, the collapse
@@ -13,13 +14,15 @@ steps); short_wait has the scripts' own (learning starts 256, 10 critic-only upd
 actor from 576 env steps: the first author's code waits for one batch of 256 and 10 update rounds).
 warmup_llm, separate and target_llm ran at commit 4e1401e (RUN_COMMIT), where their flags exist: from 2d6d2a3 on
 the scripts have target_llm's update as their only one, without flags, so running those needs a worktree of that
-commit (long_wait and short_wait run from this one):
+commit (long_wait runs from this one):
 
     git worktree add ../sac_update_wt 4e1401e && cd ../sac_update_wt
     python benchmarks/sac_update.py --variants separate --seeds 3 --work-dir <this checkout>/benchmarks/sac_update_runs
 
 "heads_only" is 2f9516f's update (its warm-up trained the Q heads only): its runs are learning_curves.py's SmolLM2
-SAC-GLAM seeds at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f), cut at --steps. The variants run in
+SAC-GLAM seeds at 2f9516f (benchmarks/learning_curves_smollm2_runs_2f9516f), cut at --steps. "short_wait" is the
+scripts as they ship, so its runs are learning_curves.py's SmolLM2 SAC-GLAM runs (benchmarks/learning_curves_smollm2_runs,
+the same command): run them there, and both studies read them. The variants run in
 bf16 where the CPU has it, as those did and as learning_curves.py's SmolLM2 runs do. The table (docs/sac_update.md)
 gives per run: the env step where the actor starts, area under the rolling success curve, success at the end and
 its lowest value after the actor starts, the policy's lowest entropy after it, Q of the taken actions when the actor
@@ -45,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_curves as lc  # noqa: E402
 
 # variant -> (what it changes, flags added to learning_curves.py's SmolLM2 command at RUN_COMMIT). Cumulative, in this
-# order; None: runs of learning_curves.py, read from RUNS_OF. LONG_WAIT: the wait of every variant before short_wait.
+# order; None: the long wait with no flag (heads_only). LONG_WAIT: the wait of every variant before short_wait.
 LONG_WAIT = ["--learning-starts", "2048", "--critic-warmup-updates", "125"]
 VARIANTS = {
     "heads_only": (
@@ -60,12 +63,16 @@ VARIANTS = {
 }
 RUN_COMMIT = "4e1401e"
 AT_RUN_COMMIT = ("warmup_llm", "separate", "target_llm")  # their flags exist at RUN_COMMIT only; the others' after it
-RUNS_OF = {"heads_only": lc.ROOT / "benchmarks" / "learning_curves_smollm2_runs_2f9516f"}
+# Variants whose runs are learning_curves.py's SmolLM2 SAC-GLAM runs: read from there, never run here.
+RUNS_OF = {
+    "heads_only": lc.ROOT / "benchmarks" / "learning_curves_smollm2_runs_2f9516f",
+    "short_wait": lc.ROOT / "benchmarks" / "learning_curves_smollm2_runs",
+}
 
 
 @dataclasses.dataclass
 class Args:
-    variants: tuple[str, ...] = ("short_wait",)
+    variants: tuple[str, ...] = ("long_wait",)
     """variants to run in this call (the table shows every variant with logs)"""
     seeds: tuple[int, ...] = (2,)
     """seeds to run in this call"""
@@ -111,7 +118,7 @@ def run(args: Args, work: Path):
     deadline = time.time() + args.max_minutes * 60
     for seed in args.seeds:
         for name in args.variants:
-            if VARIANTS[name][1] is None or (work / "done" / f"{name}_{seed}").exists():
+            if name in RUNS_OF or (work / "done" / f"{name}_{seed}").exists():
                 continue
             cmd = lc.command("sac_glam", seed, args.steps, "", lc.Args(actor="smollm2")) + VARIANTS[name][1]
             cmd[cmd.index("--exp-name") + 1] = f"sac_glam_{name}"
@@ -212,6 +219,12 @@ if __name__ == "__main__":
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         sys.exit(f"error: unknown --variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    elsewhere = [name for name in args.variants if name in RUNS_OF]
+    if elsewhere and not args.plot_only:
+        sys.exit(
+            f"error: --variants {' '.join(elsewhere)} are learning_curves.py's SmolLM2 SAC-GLAM runs: run them with "
+            f"`python benchmarks/learning_curves.py --actor smollm2 --algos sac_glam --seeds ...` (heads_only: at 2f9516f)"
+        )
     work = Path(args.work_dir)
     if not args.plot_only:
         run(args, work)

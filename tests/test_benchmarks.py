@@ -122,3 +122,14 @@ def test_two_concurrent_tiny_runs_end_within_the_wall_clock_and_say_where_they_s
         -1
     ]
     assert last == ("320", "6")
+
+
+def test_the_scripts_wait_in_sac_update_reads_the_smollm2_studys_sac_runs():
+    # short_wait adds no flag to learning_curves.py's SmolLM2 command, so its runs are that study's SAC-GLAM runs:
+    # sac_update.py reads them from there and refuses to run them a second time.
+    spec = importlib.util.spec_from_file_location("sac_update", Path(__file__).parents[1] / "benchmarks" / "sac_update.py")
+    sac_update = sys.modules["sac_update"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(sac_update)
+    assert sac_update.VARIANTS["short_wait"][1] == []
+    assert sac_update.RUNS_OF["short_wait"] == learning_curves.ROOT / "benchmarks" / "learning_curves_smollm2_runs"
+    assert sac_update.wait([]) == (256, 576)  # learning starts 256, then 10 updates at one per 32 env steps
