@@ -449,8 +449,8 @@ def claim(runs: dict[str, list[dict]], better: str, worse: str, resamples: int =
     smallest = (2 if n == m else 1) / len(splits)
     verdict = "not significant" if p >= 0.05 else "significant: the claim holds" if diff > 0 else "significant: reversed"
     return (
-        head + f", 95% bootstrap interval [{low:+.3f}, {high:+.3f}], exact permutation p = {p:.2f} (the smallest "
-        f"{n} vs {m} seeds allow: {smallest:.2f}): {verdict} at this budget."
+        head + f", 95% bootstrap interval [{low:+.3f}, {high:+.3f}], exact permutation p = {p:.{3 if p < 0.01 else 2}f} "
+        f"(the smallest {n} vs {m} seeds allow: {smallest:.{3 if smallest < 0.01 else 2}f}): {verdict} at this budget."
     )
 
 

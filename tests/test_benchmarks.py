@@ -41,6 +41,14 @@ def test_four_seeds_each_fully_apart_are_significant_either_way(sign, verdict):
     assert f"p = 0.03 (the smallest 4 vs 4 seeds allow: 0.03): {verdict}" in text
 
 
+def test_five_seeds_each_fully_apart_reach_the_studys_smallest_p_and_print_it_unrounded():
+    # 2 of the C(10, 5) = 252 splits are as extreme: p = 0.0079, printed with three decimals (0.01 would overstate it).
+    runs = runs_of(sac_glam=[0.1, 0.15, 0.2, 0.25, 0.3], ppo_glam=[0.5, 0.55, 0.6, 0.65, 0.7])
+    text = learning_curves.claim(runs, "sac_glam", "ppo_glam")
+    assert "-0.400 (5 vs 5 seeds)" in text
+    assert "p = 0.008 (the smallest 5 vs 5 seeds allow: 0.008): significant: reversed" in text
+
+
 def test_overlapping_seeds_are_a_tie_and_one_seed_gets_no_interval():
     # 0.5 0.7 | 0.6 0.8: the observed difference (-0.1) is matched or exceeded by 4 of the 6 splits.
     text = learning_curves.claim(runs_of(sac_glam=[0.5, 0.7], ppo_glam=[0.6, 0.8]), "sac_glam", "ppo_glam")
