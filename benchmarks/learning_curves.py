@@ -151,7 +151,7 @@ class Args:
 ENVS = {"simple": (3, ("grasp", "grow")), "full": (6, pt.GOAL_TYPES)}
 # script -> label, color. Tiny budgets were sized from measured costs with 2 runs sharing 2 cores: a SAC update
 # of batch 256 takes ~0.35-0.45 s (2 per 32 env steps), a PPO update (16 epochs over 2,048 transitions) ~35 s;
-# measured: 15-19 min per SAC run, 13-17 per PPO run, 82 min in all.
+# measured (fp32, a 2-core Intel Xeon model 207): 15-19.5 min per SAC run, 6.3-6.9 per PPO run, 103 min for 5 seeds.
 ALGOS = {
     "sac_glam_her": ("SAC-GLAM + HER", "tab:green"),
     "sac_glam": ("SAC-GLAM", "tab:blue"),

@@ -1,8 +1,8 @@
 """SAC-GLAM's update, variant by variant: which of the authors' choices stop the collapse after the critic warm-up,
 and how long must the actor wait?
 
+    python benchmarks/sac_update.py                                    # the table (docs/sac_update.md) from the logs
     python benchmarks/sac_update.py --variants long_wait --seeds 2     # run (or resume) pieces, one run at a time
-    python benchmarks/sac_update.py --plot-only                        # the table from the logs so far
     python benchmarks/learning_curves.py --actor smollm2 --algos sac_glam --seeds 3   # a short_wait run (see below)
 
 sac_glam.py on the pretrained SmolLM2 actor with benchmarks/learning_curves.py's --actor smollm2 settings (the
@@ -72,8 +72,8 @@ RUNS_OF = {
 
 @dataclasses.dataclass
 class Args:
-    variants: tuple[str, ...] = ("long_wait",)
-    """variants to run in this call (the table shows every variant with logs)"""
+    variants: tuple[str, ...] = ()
+    """variants to run in this call (none: the table only; it shows every variant with logs)"""
     seeds: tuple[int, ...] = (2,)
     """seeds to run in this call"""
     steps: int = 10_240

@@ -41,7 +41,7 @@ def test_four_seeds_each_fully_apart_are_significant_either_way(sign, verdict):
     assert f"p = 0.03 (the smallest 4 vs 4 seeds allow: 0.03): {verdict}" in text
 
 
-def test_five_seeds_each_fully_apart_reach_the_studys_smallest_p_and_print_it_unrounded():
+def test_five_seeds_each_fully_apart_reach_the_studys_smallest_p_printed_with_three_decimals():
     # 2 of the C(10, 5) = 252 splits are as extreme: p = 0.0079, printed with three decimals (0.01 would overstate it).
     runs = runs_of(sac_glam=[0.1, 0.15, 0.2, 0.25, 0.3], ppo_glam=[0.5, 0.55, 0.6, 0.65, 0.7])
     text = learning_curves.claim(runs, "sac_glam", "ppo_glam")
