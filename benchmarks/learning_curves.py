@@ -68,9 +68,9 @@ update of batch 64 takes 7-15 s in bf16 and an acting step of 32 envs 1-2 s (doc
   - PPO: 2 epochs instead of 16 (16 transitions of gradient per env step would cost 8x SAC's 2; with 2
     epochs the two spend about the same compute per env step), minibatch 256, 2,048 transitions per update;
   - 10,240 env steps per run instead of Figure 2's 400k, so that a SAC run ends within one sitting of a 2-core
-    CPU (~1.5 h); logs every 512 env steps, checkpoints every 25 SAC updates (800 env steps) or PPO update.
-  Seeds 2 and 3 by default: its SAC-GLAM runs are benchmarks/sac_update.py's short_wait (the scripts' wait,
-  against the long wait's seeds 2 and 3 there).
+    CPU (1-2 h); logs every 512 env steps, checkpoints every 25 SAC updates (800 env steps) or PPO update.
+  Seeds 1-5, as the tiny study's (5 vs 5 can reach p = 0.008); its SAC-GLAM seeds 2 and 3 are also
+  benchmarks/sac_update.py's short_wait (the scripts' wait, against the long wait's seeds 2 and 3 there).
 --device cuda runs every selected run at once on one CUDA device, a process each, in bf16 (docs/distributed.md:
 4 seeds x 3 scripts are expected within 9 minutes on one H100); it writes docs/learning_curves_smollm2_cuda.*.
 """
@@ -110,7 +110,7 @@ class Args:
     algos: tuple[Literal["sac_glam_her", "sac_glam", "ppo_glam"], ...] = ("sac_glam_her", "sac_glam", "ppo_glam")
     """algorithms to run in this call (the figure shows every algorithm with logs)"""
     seeds: tuple[int, ...] = ()
-    """seeds to run in this call (default: 1-5 for tiny, 2 3 for smollm2: sac_update.py's seeds; --quick: 1)"""
+    """seeds to run in this call (default: 1-5; --quick: 1)"""
     quick: bool = False
     """smoke check: one seed, short budgets (tiny: under 10 min on 2 cores)"""
     fresh: bool = False
@@ -386,7 +386,9 @@ def run_log(work: Path, algo: str, seed: str) -> dict[str, str]:
     commits = sorted(set(re.findall(r"^# (?:start|resume) at commit (\w+)", text, re.M)))
     machines = sorted(set(re.findall(r"^# (?:start|resume) at commit \w+, \d+ threads, (.+)$", text, re.M)))
     threads = sorted(set(re.findall(r"^# (?:start|resume) at commit \w+, (\d+) threads", text, re.M)))
+    waiting = re.findall(r"^step\s+([\d,]+)/.*\| (?:collecting|critic warm-up) \|", text, re.M)  # the actor does not learn
     return {
+        "actor_from": int(waiting[-1].replace(",", "")) if waiting else 0,  # the last progress line before it does
         "threads": threads,
         "precision": precision,
         "commit": ", ".join(commits) or LOGGED_ELSEWHERE.get(f"{algo}_{seed}", "not logged"),
@@ -402,6 +404,8 @@ def load_runs(work: Path, goal_types: tuple[str, ...], env_name: str = pt.NAME) 
     for algo in ALGOS:
         for run_dir in sorted(glob.glob(str(work / "runs" / f"{env_name}__{algo}__*"))):
             run = {
+                "seed": Path(run_dir).name.split("__")[2],
+                "entropy": scalars(run_dir, "losses/entropy"),
                 "steps": scalars(run_dir, "charts/success_rate"),
                 "seconds": scalars(run_dir, "charts/success_rate_vs_seconds"),
                 **run_log(work, algo, Path(run_dir).name.split("__")[2]),
@@ -427,17 +431,18 @@ def first_reach(grid: np.ndarray, mean: np.ndarray, threshold: float) -> float |
     return float(grid[hit[0]]) if len(hit) else None
 
 
-def claim(runs: dict[str, list[dict]], better: str, worse: str, resamples: int = 10_000) -> str:
+def claim(runs: dict[str, list[dict]], better: str, worse: str, resamples: int = 10_000, labels=None) -> str:
     """ "A more sample-efficient than B" as the mean difference in area under the success curve over A's and B's
     seeds, with a 95% percentile bootstrap interval (seeds resampled with replacement within each algorithm) and a
     two-sided exact permutation test (every split of the pooled seeds; a few seeds cannot reach a small p, and the
-    bootstrap interval is then too narrow: significant means p < 0.05)."""
+    bootstrap interval is then too narrow: significant means p < 0.05). labels: run key -> name (default: ALGOS')."""
     end = min(r["steps"][0][-1] for seeds in runs.values() for r in seeds)
     grid = np.linspace(0, end, 200)
     auc = {a: np.array([np.interp(grid, *r["steps"]).mean() for r in runs[a]]) for a in (better, worse)}
     n, m = len(auc[better]), len(auc[worse])
     diff = auc[better].mean() - auc[worse].mean()
-    head = f"- {ALGOS[better][0]} - {ALGOS[worse][0]}: {diff:+.3f} ({n} vs {m} seeds)"
+    labels = labels or {algo: label for algo, (label, _) in ALGOS.items()}
+    head = f"- {labels[better]} - {labels[worse]}: {diff:+.3f} ({n} vs {m} seeds)"
     if min(n, m) < 2:
         return head + ": no interval with a single seed, so nothing can be called significant."
     rng = np.random.default_rng(0)
@@ -452,6 +457,30 @@ def claim(runs: dict[str, list[dict]], better: str, worse: str, resamples: int =
         head + f", 95% bootstrap interval [{low:+.3f}, {high:+.3f}], exact permutation p = {p:.{3 if p < 0.01 else 2}f} "
         f"(the smallest {n} vs {m} seeds allow: {smallest:.{3 if smallest < 0.01 else 2}f}): {verdict} at this budget."
     )
+
+
+def per_run(runs: dict[str, list[dict]]) -> list[str]:
+    """One row per run: its area (as in `claim`), 50% crossing, final success and the lowest policy entropy logged
+    after its last progress line before the actor learns (SAC: collecting or critic warm-up; PPO: collecting)."""
+    end = min(r["steps"][0][-1] for seeds in runs.values() for r in seeds)
+    lines = ["Per run (area over env steps 0 to the shortest run's end, as above):", ""]
+    lines += ["| algorithm | seed | area | env steps to 50% | final success | lowest entropy after the actor starts (nats) |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for algo, seeds in runs.items():
+        for r in sorted(seeds, key=lambda r: int(r["seed"])):
+            x, y = r["steps"]
+            grid = np.linspace(0, x[-1], 1000)
+            reach = first_reach(grid, np.interp(grid, x, y), 0.5)
+            ex, entropy = r["entropy"]
+            late = entropy[ex > r["actor_from"]]
+            cells = [ALGOS[algo][0], r["seed"], f"{np.interp(np.linspace(0, end, 200), x, y).mean():.3f}"]
+            cells += [
+                "not reached" if reach is None else f"{reach:,.0f}",
+                f"{y[-1]:.2f}",
+                f"{late.min():.2f}" if len(late) else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def machine_name(device: str) -> str:
@@ -589,22 +618,25 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
         else f"- {ALGOS[better][0]} - {ALGOS[worse][0]}: no runs of both yet."
         for better, worse in CLAIMS
     ]
+    if args.actor == "smollm2":
+        lines += ["", *per_run(runs)]
     import torch
 
     note = [
         "",
         f"Env steps per run: {args.steps:,} (a run still going shows as far as it got: the curves end at the",
         "shortest seed's last point). Reaching = the first point where the mean over seeds of the rolling success",
-        "(last 100 training episodes, sampled actions) is at or above the threshold; final = the last logged value"
-        + (f" (per goal type: the mean of the last {per_kind_points} logged values)," if full else ","),
-        "mean ± std over seeds (one seed: its value).",
-        f"Minutes are wall clock of one run on {threads} thread(s) (runs shared the machine "
-        f"{max(1, (os.cpu_count() or 1) // int(threads)) if threads.isdigit() else 'one or more'} at a time; a resumed",
-        "run's clock continues from its checkpoint).",
-        f"{'Drawn on' if minutes is None else 'Run on'}: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
-        f"{platform.python_version()}, torch {torch.__version__}"
-        + (f"; whole benchmark {minutes:.0f} min." if minutes is not None else "."),
+        "(last 100 training episodes, sampled actions), interpolated between logged points, is at or above the",
+        "threshold; final = the last logged value"
+        + (f" (per goal type: the mean of the last {per_kind_points} logged values)," if full else ",")
+        + " mean ± std over seeds (one seed: its value).",
+        f"Minutes are wall clock of one run on {threads} thread(s) (a resumed run's clock continues from its checkpoint).",
     ]
+    if minutes is not None:  # --plot-only draws the same table on any machine: the runs' machines are in the table
+        note.append(
+            f"Run on: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}; whole benchmark {minutes:.0f} min."
+        )
     if full:
         note.insert(
             5,
@@ -618,7 +650,7 @@ def report(args: Args, runs: dict[str, list[dict]], random: dict[str, float], mi
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    args.seeds = args.seeds or ((1,) if args.quick else (2, 3) if args.actor == "smollm2" else (1, 2, 3, 4, 5))
+    args.seeds = args.seeds or ((1,) if args.quick else (1, 2, 3, 4, 5))
     args.jobs = args.jobs or (2 if args.actor == "tiny" and args.env != "full" else 1)
     args.steps = args.steps or STEPS["full" if args.env == "full" else args.actor][args.quick]
     if min(args.seeds) < 0 or args.jobs < 1 or args.random_episodes < 1 or args.steps < 1 or args.max_minutes <= 0:

@@ -141,3 +141,15 @@ def test_the_scripts_wait_in_sac_update_reads_the_smollm2_studys_sac_runs():
     assert sac_update.VARIANTS["short_wait"][1] == []
     assert sac_update.RUNS_OF["short_wait"] == learning_curves.ROOT / "benchmarks" / "learning_curves_smollm2_runs"
     assert sac_update.wait([]) == (256, 576)  # learning starts 256, then 10 updates at one per 32 env steps
+
+
+def test_a_runs_log_gives_where_its_actor_starts_learning(tmp_path):
+    # The per-run table's entropy is read after the last progress line whose phase says the actor does not learn yet.
+    (tmp_path / "logs").mkdir()
+    lines = ["# start at commit abc1234, 2 threads, AMD EPYC", "PlaygroundText__sac_glam__1__1: m (decoder-only, bf16) on"]
+    phases = [(512, "collecting"), (1024, "critic warm-up"), (1536, "critic warm-up"), (2048, "training")]
+    lines += [f"step {s:>9,}/10,240 | 2 SPS | 1.0 min | updates 3 | success 0.300 | {p} | qf_loss 0.1" for s, p in phases]
+    (tmp_path / "logs" / "sac_glam_1.log").write_text("\n".join(lines) + "\n")
+    info = learning_curves.run_log(tmp_path, "sac_glam", "1")
+    assert info["actor_from"] == 1536 and info["commit"] == "abc1234" and info["precision"] == "bf16"
+    assert learning_curves.run_log(tmp_path, "ppo_glam", "1")["actor_from"] == 0  # no log: every logged point counts
