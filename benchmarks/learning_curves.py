@@ -403,12 +403,13 @@ def load_runs(work: Path, goal_types: tuple[str, ...], env_name: str = pt.NAME) 
     runs: dict[str, list[dict]] = {}
     for algo in ALGOS:
         for run_dir in sorted(glob.glob(str(work / "runs" / f"{env_name}__{algo}__*"))):
+            seed = Path(run_dir).name.split("__")[2]
             run = {
-                "seed": Path(run_dir).name.split("__")[2],
+                "seed": seed,
                 "entropy": scalars(run_dir, "losses/entropy"),
                 "steps": scalars(run_dir, "charts/success_rate"),
                 "seconds": scalars(run_dir, "charts/success_rate_vs_seconds"),
-                **run_log(work, algo, Path(run_dir).name.split("__")[2]),
+                **run_log(work, algo, seed),
             }
             run.update({kind: scalars(run_dir, f"charts/success_rate_{kind}") for kind in goal_types})
             run.update({e: scalars(run_dir, f"eval/success_rate_{e}") for e in EVALS})
