@@ -273,6 +273,12 @@ def last_step(log_path: Path) -> str:
     return f"env step {found[-1][0]} of {found[-1][1]}" if found else "no progress line yet"
 
 
+def reached_end(log_path: Path) -> bool:
+    """Whether a run's last progress line is at its last env step (a run stopped there has nothing left to do)."""
+    step, _, total = last_step(log_path).removeprefix("env step ").partition(" of ")
+    return step == total
+
+
 def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name: str = pt.NAME, device: str = "cpu"):
     """Run the selected (algorithm, seed) pieces as subprocesses, --jobs at a time: finished ones are skipped, paused
     ones resumed from their checkpoint (without one: set_aside, then a fresh start). The call ends within
@@ -335,7 +341,7 @@ def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name:
                 for other, *_ in running:
                     other.terminate()
                 sys.exit(f"error: {algo} seed {seed} failed (exit {proc.returncode}); see {work}/logs/")
-            if stopping:
+            if stopping and not (proc.returncode == 0 and reached_end(work / "logs" / f"{algo}_{seed}.log")):
                 where = last_step(work / "logs" / f"{algo}_{seed}.log")
                 log(f"paused {algo} seed {seed} at {where} after {(time.time() - t0) / 60:.1f} min")
             else:

@@ -106,6 +106,21 @@ def test_the_study_on_one_cuda_device_keeps_the_gpu_and_bf16():
     assert "--no-cuda" not in learning_curves.tiny_settings("sac_glam", "m", learning_curves.Args(device="cuda"))
 
 
+def test_a_run_at_its_last_step_when_stopped_is_done_and_one_short_of_it_is_paused(tmp_path, capsys):
+    # Stand-ins for two runs still going when --max-minutes' SIGTERM comes: one has logged its last env step (it was
+    # saving its final checkpoint), the other is midway; both save and exit 0 on the signal.
+    stand_in = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+        "print('step {}/320 | 1 SPS', flush=True); time.sleep(60)"
+    )
+    args = learning_curves.Args(algos=("sac_glam", "ppo_glam"), jobs=2, max_minutes=0.25)
+    command_of = lambda algo, seed: [sys.executable, "-c", stand_in.format(320 if algo == "sac_glam" else 64)]  # noqa: E731
+    learning_curves.run_all(args, tmp_path, [1], command_of)
+    out = capsys.readouterr().out
+    assert "done sac_glam seed 1 in " in out and "paused ppo_glam seed 1 at env step 64 of 320 after " in out, out
+    assert (tmp_path / "done" / "sac_glam_1").exists() and not (tmp_path / "done" / "ppo_glam_1").exists()
+
+
 def test_two_concurrent_tiny_runs_end_within_the_wall_clock_and_say_where_they_stopped(tmp_path, capsys):
     # Two real runs at once (the GPU study's one process per run, here on the CPU): the short one finishes and is
     # marked done; the endless one gets SIGTERM before --max-minutes, saves its checkpoint and its line says how far
