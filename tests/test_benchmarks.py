@@ -114,7 +114,10 @@ def test_a_run_at_its_last_step_when_stopped_is_done_and_one_short_of_it_is_paus
         "print('step {}/320 | 1 SPS', flush=True); time.sleep(60)"
     )
     args = learning_curves.Args(algos=("sac_glam", "ppo_glam"), jobs=2, max_minutes=0.25)
-    command_of = lambda algo, seed: [sys.executable, "-c", stand_in.format(320 if algo == "sac_glam" else 64)]  # noqa: E731
+
+    def command_of(algo, seed):
+        return [sys.executable, "-c", stand_in.format(320 if algo == "sac_glam" else 64)]
+
     learning_curves.run_all(args, tmp_path, [1], command_of)
     out = capsys.readouterr().out
     assert "done sac_glam seed 1 in " in out and "paused ppo_glam seed 1 at env step 64 of 320 after " in out, out
