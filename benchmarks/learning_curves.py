@@ -283,7 +283,8 @@ def run_all(args: Args, work: Path, seeds: list[int], command_of=None, env_name:
     """Run the selected (algorithm, seed) pieces as subprocesses, --jobs at a time: finished ones are skipped, paused
     ones resumed from their checkpoint (without one: set_aside, then a fresh start). The call ends within
     --max-minutes: STOP_SHARE of it before the end the runs get SIGTERM (they save and exit), at the end any left is
-    killed (its last checkpoint stands); each stopped run's log line says how far it got.
+    killed (its last checkpoint stands); each stopped run's log line says how far it got (one stopped at its last
+    env step is done).
     `command_of(algo, seed)` gives a run's command line (default: `command` with this benchmark's tiny actor)."""
     if command_of is None:
         model = build_model(work / "model") if args.actor == "tiny" else ""
