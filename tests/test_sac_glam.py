@@ -552,6 +552,14 @@ def test_resume_reproduces_uninterrupted_run(runner, tiny_dirs):
     _assert_same_final(ck_a, b2.checkpoint())
 
 
+def test_log_frequency_changes_no_number(runner, tiny_dirs):
+    """Logging only reads the run (no RNG draw, no state change): runs logged every 16 or 64 env steps end identical."""
+    a = base_run(runner, tiny_dirs)
+    b = runner.start("sac_log16", small(tiny_dirs["llama"], "log16", 384, "--log-frequency", 16))
+    assert b.check().stdout.count("\nstep ") > a.check().stdout.count("\nstep ")
+    _assert_same_final(a.checkpoint(), b.checkpoint())
+
+
 def test_target_adapters_move_but_lag_the_live_ones(runner, tiny_dirs):
     """The target critic's LLM weights are Polyak copies of the adapters: they move, but stay far behind."""
     ck = base_run(runner, tiny_dirs).check().checkpoint()
